@@ -1,0 +1,1 @@
+"""Command-line entry points: the OpenRLHF launcher wrappers and the ``persrm`` command."""

@@ -1,0 +1,189 @@
+"""What both launcher wrappers share: plugin flags, translating them into OpenRLHF flags,
+and handing over to OpenRLHF's own launcher.
+
+A wrapper accepts every flag of the OpenRLHF launcher unchanged (they are parsed by
+OpenRLHF's own parser, see :func:`openrlhf_persrm.compat.launcher_parser`) plus:
+
+``--dataset_plugin NAME`` / ``--dataset_plugin_config JSON``
+    converts the PersRM pair JSONL given to the launcher's dataset flags into rows its
+    dataset classes read (cached under ``--persrm.cache_dir``) and sets the data keys;
+``--reward_plugin NAME`` / ``--reward_plugin_config JSON`` (``train_ppo_ray`` only)
+    points ``--reward.remote_url`` at the installed entry file and passes the plugin's name
+    and configuration to every Ray worker through environment variables;
+``--cpu``
+    runs on CPU (also chosen automatically, with a log line, when no GPU is visible).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from .. import __version__
+
+logger = logging.getLogger("openrlhf_persrm")
+
+DEFAULT_CACHE_DIR = os.environ.get("PERSRM_CACHE_DIR", os.path.join(".cache", "persrm"))
+
+
+class WrapperError(ValueError):
+    """A flag combination the wrapper cannot honour; the message names the flag and the fix."""
+
+
+def plugin_parser(launcher: str, *, reward: bool) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=f"python -m openrlhf_persrm.cli.{launcher}", add_help=False,
+        description=f"OpenRLHF {launcher} with openrlhf-persrm plugins. Every OpenRLHF 0.11.2 "
+                    f"{launcher} flag is accepted unchanged (listed below the plugin flags).")
+    g = p.add_argument_group("openrlhf-persrm plugins")
+    g.add_argument("--dataset_plugin", default=None, metavar="NAME",
+                   help="dataset plugin (persrm_sft, persrm_rl, pkg.mod:Class or file.py) that converts "
+                        "PersRM pair JSONL given to the dataset flags into OpenRLHF rows")
+    g.add_argument("--dataset_plugin_config", default=None, metavar="JSON",
+                   help="JSON object (or @file.json) of keyword arguments for the dataset plugin")
+    if reward:
+        g.add_argument("--reward_plugin", default=None, metavar="NAME",
+                       help="reward plugin (persrm_rule, pkg.mod:Class or file.py) given to OpenRLHF "
+                            "as --reward.remote_url; its settings reach every Ray worker")
+        g.add_argument("--reward_plugin_config", default=None, metavar="JSON",
+                       help="JSON object (or @file.json) of keyword arguments for the reward plugin")
+    g.add_argument("--cpu", action="store_true",
+                   help="run on CPU (chosen automatically when no GPU is visible)")
+    g.add_argument("--persrm.cache_dir", dest="cache_dir", default=DEFAULT_CACHE_DIR, metavar="DIR",
+                   help="where converted datasets are cached (default: %(default)s)")
+    return p
+
+
+def load_json_config(raw: str | None, flag: str) -> dict[str, Any]:
+    if not raw:
+        return {}
+    text = raw
+    if raw.startswith("@"):
+        try:
+            text = Path(raw[1:]).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise WrapperError(f"{flag}: cannot read {raw[1:]!r}: {exc}") from None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise WrapperError(f"{flag}: not valid JSON ({exc.msg}): {text[:120]!r}; "
+                           "pass an object such as '{\"format_penalty\": -1.5}'") from None
+    if not isinstance(value, dict):
+        raise WrapperError(f"{flag}: expected a JSON object, got {type(value).__name__}")
+    return value
+
+
+# --------------------------------------------------------------------------- argv editing
+
+@dataclass
+class Argv:
+    """OpenRLHF flags as a token list, edited in place (``--flag value`` or ``--flag=value``)."""
+
+    tokens: list[str]
+    changed: dict[str, Any] = field(default_factory=dict)
+
+    def _find(self, flag: str) -> int | None:
+        for i, tok in enumerate(self.tokens):
+            if tok == flag or tok.startswith(flag + "="):
+                return i
+        return None
+
+    def given(self, flag: str) -> bool:
+        return self._find(flag) is not None
+
+    def set(self, flag: str, value: Any) -> None:
+        """Set ``flag`` to ``value`` (``True`` for a switch), replacing any value given."""
+        i = self._find(flag)
+        if value is True:
+            if i is None:
+                self.tokens.append(flag)
+        elif i is None:
+            self.tokens += [flag, str(value)]
+        elif "=" in self.tokens[i]:
+            self.tokens[i] = f"{flag}={value}"
+        else:
+            self.tokens[i + 1] = str(value)
+        self.changed[flag] = value
+
+
+# --------------------------------------------------------------------------- datasets
+
+def file_digest(path: str, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def convert_datasets(plugin_name: str, config: dict[str, Any], stage: str, ns: dict[str, Any],
+                     argv: Argv, flags: Sequence[str], model_path: str | None, cache_dir: str) -> None:
+    """Convert every pair file named by ``flags`` with the dataset plugin; point the flags at the rows."""
+    from ..registry import dataset_plugins, instantiate
+
+    plugin = instantiate(dataset_plugins, plugin_name, config)
+    if plugin.stage != stage:
+        raise WrapperError(f"--dataset_plugin {plugin_name} makes {plugin.stage!r} rows but this launcher "
+                           f"trains on {stage!r} rows; use a {stage} dataset plugin "
+                           f"({'persrm_sft' if stage == 'sft' else 'persrm_rl'})")
+    tokenizer = None
+    if model_path:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
+    max_len = ns.get("data.max_len")
+    for flag in flags:
+        value = ns.get(flag.lstrip("-"))
+        if not value:
+            continue
+        outs = []
+        for src in str(value).split(","):
+            src = src.strip()
+            if "@" in src or not os.path.isfile(src):
+                raise WrapperError(f"{flag} {src!r}: --dataset_plugin {plugin_name} reads local PersRM pair "
+                                   "JSONL files; give a file path (comma-separated for several)")
+            key = hashlib.sha256(json.dumps(
+                [file_digest(src), plugin_name, config, model_path, max_len, __version__],
+                sort_keys=True, default=str).encode()).hexdigest()[:16]
+            dst = os.path.join(cache_dir, "datasets", f"{Path(src).stem}.{plugin.name}.{key}.jsonl")
+            if os.path.exists(dst):
+                logger.info("%s: reusing %s (converted earlier from %s)", plugin.name, dst, src)
+            else:
+                n = plugin.convert(src, dst, tokenizer=tokenizer, max_len=max_len)
+                if n == 0:
+                    os.unlink(dst)
+                    raise WrapperError(f"{flag} {src!r}: --dataset_plugin {plugin_name} wrote no rows; "
+                                       f"see {dst}.report.json (raise --data.max_len if prompts were too long)")
+                logger.info("%s: converted %s -> %s (%d rows)", plugin.name, src, dst, n)
+            outs.append(dst)
+        argv.set(flag, ",".join(outs))
+    for flag, value in plugin.flags.as_argv().items():
+        given = ns.get(flag.lstrip("-"))
+        if argv.given(flag) and given != value:
+            raise WrapperError(f"{flag} {given!r} conflicts with --dataset_plugin {plugin_name}, which writes "
+                               f"rows for {flag} {value!r}; drop {flag}")
+        argv.set(flag, value)
+
+
+def namespace_dict(parser: argparse.ArgumentParser, tokens: Sequence[str]) -> dict[str, Any]:
+    return vars(parser.parse_args(list(tokens)))
+
+
+def setup_logging() -> None:
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="[persrm] %(message)s", stream=sys.stderr)
+
+
+def print_help(launcher: str, ours: argparse.ArgumentParser) -> None:
+    from ..compat import launcher_parser
+
+    ours.print_help()
+    print(f"\nOpenRLHF 0.11.2 {launcher} flags (passed through unchanged):\n")
+    launcher_parser(launcher).print_help()

@@ -1,0 +1,126 @@
+"""``python -m openrlhf_persrm.cli.train_ppo_ray``: OpenRLHF's ``train_ppo_ray`` with PersRM plugins.
+
+Stage 2 of PersRM-R1 (GRPO with the verifiable rule reward)::
+
+    python -m openrlhf_persrm.cli.train_ppo_ray --reward_plugin persrm_rule \\
+        --dataset_plugin persrm_rl --data.prompt_dataset rl.jsonl \\
+        --actor.model_name_or_path ckpt/persrm-sft --algo.advantage.estimator group_norm \\
+        --rollout.n_samples_per_prompt 8  [any other OpenRLHF train_ppo_ray flag]
+
+``--reward_plugin NAME`` becomes ``--reward.remote_url <installed entry file>``; the plugin
+name and ``--reward_plugin_config`` reach every Ray worker as environment variables
+(``PERSRM_REWARD_PLUGIN``, ``PERSRM_REWARD_CONFIG``) through the Ray runtime environment
+this wrapper starts Ray with. With an existing cluster (``ray start`` on every node), the
+wrapper connects to it the same way OpenRLHF does.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import sys
+from typing import Sequence
+
+from ._wrapper import (Argv, WrapperError, convert_datasets, load_json_config, logger, namespace_dict,
+                       plugin_parser, print_help, setup_logging)
+
+LAUNCHER = "train_ppo_ray"
+
+
+def reward_entry_file() -> str:
+    """Path of the file OpenRLHF loads as ``--reward.remote_url`` (found without importing it)."""
+    spec = importlib.util.find_spec("openrlhf_persrm.rewards.openrlhf_entry")
+    assert spec is not None and spec.origin is not None
+    return spec.origin
+
+
+def prepare(argv: Sequence[str]) -> tuple[list[str], dict[str, str], bool]:
+    """Translate plugin flags: OpenRLHF's argv, env vars for every worker, and whether to run on CPU."""
+    from .. import compat
+
+    ours, rest = plugin_parser(LAUNCHER, reward=True).parse_known_args(list(argv))
+    cpu = ours.cpu
+    if not cpu and not compat.has_cuda():
+        logger.info("no GPU visible: running train_ppo_ray in CPU mode")
+        cpu = True
+    parser = compat.launcher_parser(LAUNCHER)
+    ns = namespace_dict(parser, rest)
+    out = Argv(list(rest))
+    env: dict[str, str] = {}
+
+    if ours.dataset_plugin:
+        convert_datasets(ours.dataset_plugin, load_json_config(ours.dataset_plugin_config, "--dataset_plugin_config"),
+                         "rl", ns, out, ["--data.prompt_dataset", "--eval.dataset"],
+                         ns.get("actor.model_name_or_path"), ours.cache_dir)
+    elif ours.dataset_plugin_config:
+        raise WrapperError("--dataset_plugin_config needs --dataset_plugin")
+
+    if ours.reward_plugin:
+        if ns.get("reward.remote_url") or out.given("--reward.remote_url"):
+            raise WrapperError("--reward_plugin and --reward.remote_url both name the reward; keep one "
+                               "(--reward_plugin sets --reward.remote_url itself)")
+        if ns.get("train.agent_func_path"):
+            raise WrapperError("--reward_plugin does not combine with --train.agent_func_path "
+                               "(OpenRLHF then ignores --reward.remote_url)")
+        config = load_json_config(ours.reward_plugin_config, "--reward_plugin_config")
+        from ..registry import instantiate, reward_plugins
+
+        instantiate(reward_plugins, ours.reward_plugin, config)  # fail here, not inside a Ray actor
+        out.set("--reward.remote_url", reward_entry_file())
+        env["PERSRM_REWARD_PLUGIN"] = ours.reward_plugin
+        env["PERSRM_REWARD_CONFIG"] = json.dumps(config)
+    elif ours.reward_plugin_config:
+        raise WrapperError("--reward_plugin_config needs --reward_plugin")
+
+    final = namespace_dict(parser, out.tokens)
+    for flag, value in out.changed.items():
+        got = final[flag.lstrip("-")]
+        if got != value and str(got) != str(value):
+            raise WrapperError(f"{flag}: OpenRLHF's parser read {got!r}, expected {value!r}")
+    return out.tokens, env, cpu
+
+
+def init_ray(env: dict[str, str], **ray_kwargs) -> None:
+    """Start (or join) Ray with OpenRLHF's own runtime env plus ours, before OpenRLHF's ``train``.
+
+    ``train`` skips its ``ray.init`` when Ray is up, so we pass the variables it would have.
+    """
+    import ray
+
+    from .. import compat
+
+    if ray.is_initialized():
+        return
+    env_vars = {k: os.environ.get(k, v) for k, v in compat.RAY_ENV_DEFAULTS.items()}
+    env_vars.update(env)
+    runtime_env = dict(ray_kwargs.pop("runtime_env", {}) or {})
+    runtime_env["env_vars"] = {**runtime_env.get("env_vars", {}), **env_vars}
+    ray.init(runtime_env=runtime_env, **ray_kwargs)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    setup_logging()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "-h" in argv or "--help" in argv:
+        print_help(LAUNCHER, plugin_parser(LAUNCHER, reward=True))
+        return 0
+    from .. import compat
+
+    try:
+        tokens, env, cpu = prepare(argv)
+    except (WrapperError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    os.environ.update(env)
+    if cpu:
+        from ..cpu import mode as cpu_mode
+
+        return cpu_mode.run_ppo(tokens, env)
+    init_ray(env)
+    compat.run_launcher(LAUNCHER, tokens)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

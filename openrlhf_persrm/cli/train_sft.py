@@ -1,0 +1,82 @@
+"""``python -m openrlhf_persrm.cli.train_sft``: OpenRLHF's ``train_sft`` with PersRM plugins.
+
+Stage 1 of PersRM-R1 (SFT on reasoning traces)::
+
+    python -m openrlhf_persrm.cli.train_sft --dataset_plugin persrm_sft \\
+        --data.dataset sft.jsonl --model.model_name_or_path Qwen/Qwen2.5-1.5B-Instruct \\
+        --ckpt.output_dir ckpt/persrm-sft  [any other OpenRLHF train_sft flag]
+
+Run it under ``deepspeed`` / ``torchrun`` for several GPUs exactly as you would run
+``openrlhf.cli.train_sft``. With ``--cpu`` (or no GPU visible) it runs on DeepSpeed's CPU
+accelerator.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Sequence
+
+from ._wrapper import (Argv, WrapperError, convert_datasets, load_json_config, logger, namespace_dict,
+                       plugin_parser, print_help, setup_logging)
+
+LAUNCHER = "train_sft"
+
+
+def prepare(argv: Sequence[str]) -> tuple[list[str], bool]:
+    """Translate plugin flags; returns OpenRLHF's argv and whether to run on CPU."""
+    from .. import compat
+
+    ours, rest = plugin_parser(LAUNCHER, reward=False).parse_known_args(list(argv))
+    cpu = ours.cpu
+    if not cpu and not compat.has_cuda():
+        logger.info("no GPU visible: running train_sft on CPU (DeepSpeed CPU accelerator, gloo)")
+        cpu = True
+    parser = compat.launcher_parser(LAUNCHER)
+    ns = namespace_dict(parser, rest)
+    out = Argv(list(rest))
+    if ours.dataset_plugin:
+        convert_datasets(ours.dataset_plugin, load_json_config(ours.dataset_plugin_config, "--dataset_plugin_config"),
+                         "sft", ns, out, ["--data.dataset", "--eval.dataset"],
+                         ns.get("model.model_name_or_path"), ours.cache_dir)
+    elif ours.dataset_plugin_config:
+        raise WrapperError("--dataset_plugin_config needs --dataset_plugin")
+    if cpu:
+        attn = ns.get("ds.attn_implementation")
+        if out.given("--ds.attn_implementation") and "flash" in str(attn):
+            raise WrapperError(f"--ds.attn_implementation {attn} needs a GPU; use sdpa or eager with --cpu")
+        if not out.given("--ds.attn_implementation"):
+            out.set("--ds.attn_implementation", "sdpa")
+        if ns.get("ds.packing_samples"):
+            raise WrapperError("--ds.packing_samples needs flash-attention on a GPU; drop it with --cpu")
+    # Re-parse with OpenRLHF's parser: our edits must still be valid flags with the values we meant.
+    final = namespace_dict(parser, out.tokens)
+    for flag, value in out.changed.items():
+        if final[flag.lstrip("-")] != value and str(final[flag.lstrip("-")]) != str(value):
+            raise WrapperError(f"{flag}: OpenRLHF's parser read {final[flag.lstrip('-')]!r}, expected {value!r}")
+    return out.tokens, cpu
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    setup_logging()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "-h" in argv or "--help" in argv:
+        print_help(LAUNCHER, plugin_parser(LAUNCHER, reward=False))
+        return 0
+    from .. import compat
+
+    try:
+        tokens, cpu = prepare(argv)
+    except (WrapperError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if cpu:
+        compat.apply_cpu_shims()
+        compat.ensure_single_process_env()
+        os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.abspath(os.path.join(".cache", "torch_extensions")))
+    compat.run_launcher(LAUNCHER, tokens)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

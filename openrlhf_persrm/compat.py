@@ -1,0 +1,216 @@
+"""Everything that relies on OpenRLHF internals, in one place. Written for OpenRLHF 0.11.2.
+
+OpenRLHF has no plugin registry and its launchers build their argparse parsers inline
+under ``if __name__ == "__main__":``. To extend it without copying it, this module:
+
+* checks the installed version (:func:`check_openrlhf_version`);
+* captures a launcher's real parser by running its ``__main__`` block until it calls
+  ``parse_args`` (:func:`launcher_parser`), so our wrappers validate and read OpenRLHF's
+  own flags with OpenRLHF's own parser and defaults;
+* runs the launcher's ``__main__`` unmodified with a rewritten ``sys.argv``
+  (:func:`run_launcher`);
+* holds the CPU shims that let ``train_sft`` run on DeepSpeed's CPU accelerator
+  (:func:`apply_cpu_shims`) and the upstream Ray environment defaults (:data:`RAY_ENV_DEFAULTS`).
+
+``tests/test_compat.py`` pins each of these facts so an OpenRLHF upgrade fails loudly there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import runpy
+import sys
+import types
+from importlib.metadata import PackageNotFoundError, version
+from typing import Iterator, Sequence
+
+from . import OPENRLHF_VERSION
+
+logger = logging.getLogger(__name__)
+
+#: Our launcher name -> the OpenRLHF module whose ``__main__`` we run.
+LAUNCHERS = {
+    "train_sft": "openrlhf.cli.train_sft",
+    "train_ppo_ray": "openrlhf.cli.train_ppo_ray",
+}
+
+#: Env vars upstream ``train_ppo_ray.train`` passes to ``ray.init``; a wrapper that starts Ray
+#: itself must pass them too, since ``train`` skips its own ``ray.init`` when Ray is up.
+RAY_ENV_DEFAULTS = {
+    "TOKENIZERS_PARALLELISM": "true",
+    "NCCL_DEBUG": "WARN",
+    "RAY_ENABLE_ZERO_COPY_TORCH_TENSORS": "1",
+}
+
+ENV_ALLOW_MISMATCH = "PERSRM_ALLOW_OPENRLHF_MISMATCH"
+
+
+class OpenRLHFVersionError(RuntimeError):
+    pass
+
+
+def installed_openrlhf_version() -> str | None:
+    try:
+        return version("openrlhf")
+    except PackageNotFoundError:
+        return None
+
+
+def check_openrlhf_version() -> str:
+    """Return the installed OpenRLHF version; raise unless it is the one this layer knows."""
+    found = installed_openrlhf_version()
+    if found is None:
+        raise OpenRLHFVersionError(
+            f"OpenRLHF is not installed; openrlhf-persrm needs openrlhf=={OPENRLHF_VERSION} "
+            "(see the README for CPU and GPU installs)")
+    if found != OPENRLHF_VERSION:
+        msg = (f"openrlhf {found} is installed but openrlhf_persrm.compat is written for {OPENRLHF_VERSION}; "
+               f"install openrlhf=={OPENRLHF_VERSION}, or set {ENV_ALLOW_MISMATCH}=1 to try anyway")
+        if os.environ.get(ENV_ALLOW_MISMATCH) != "1":
+            raise OpenRLHFVersionError(msg)
+        logger.warning(msg)
+    return found
+
+
+# --------------------------------------------------------------------------- launchers
+
+class _ParserCaptured(BaseException):
+    def __init__(self, parser: argparse.ArgumentParser):
+        super().__init__()
+        self.parser = parser
+
+
+def _module_for(launcher: str) -> str:
+    try:
+        return LAUNCHERS[launcher]
+    except KeyError:
+        raise ValueError(f"unknown launcher {launcher!r}; known: {', '.join(LAUNCHERS)}") from None
+
+
+_PARSERS: dict[str, argparse.ArgumentParser] = {}
+
+
+def launcher_parser(launcher: str) -> argparse.ArgumentParser:
+    """OpenRLHF's own, complete argparse parser for ``launcher``.
+
+    The launcher's ``__main__`` block builds the parser inline; we run that block and stop
+    it at its ``parse_args`` call, before any training starts.
+    """
+    if launcher in _PARSERS:
+        return _PARSERS[launcher]
+    check_openrlhf_version()
+    install_flash_attn_stub()
+    if launcher == "train_ppo_ray":
+        ensure_vllm_importable()
+    original = argparse.ArgumentParser.parse_args
+
+    def capture(self, *args, **kwargs):
+        raise _ParserCaptured(self)
+
+    argparse.ArgumentParser.parse_args = capture  # type: ignore[method-assign]
+    try:
+        with _argv([_module_for(launcher)]):
+            runpy.run_module(_module_for(launcher), run_name="__main__", alter_sys=False)
+    except _ParserCaptured as captured:
+        _PARSERS[launcher] = captured.parser
+        return captured.parser
+    finally:
+        argparse.ArgumentParser.parse_args = original  # type: ignore[method-assign]
+    raise OpenRLHFVersionError(f"{_module_for(launcher)} never called parse_args(); the launcher layout "
+                               f"changed from OpenRLHF {OPENRLHF_VERSION}")
+
+
+@contextlib.contextmanager
+def _argv(argv: Sequence[str]) -> Iterator[None]:
+    saved = sys.argv
+    sys.argv = list(argv)
+    try:
+        yield
+    finally:
+        sys.argv = saved
+
+
+def run_launcher(launcher: str, argv: Sequence[str]) -> None:
+    """Run OpenRLHF's own launcher ``__main__`` (parsing, validation, ``train``) on ``argv``."""
+    check_openrlhf_version()
+    install_flash_attn_stub()
+    module = _module_for(launcher)
+    logger.info("running %s %s", module, " ".join(argv))
+    with _argv([module, *argv]):
+        runpy.run_module(module, run_name="__main__", alter_sys=True)
+
+
+# --------------------------------------------------------------------------- CPU
+
+def has_cuda() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+def ensure_vllm_importable() -> None:
+    """``openrlhf.cli.train_ppo_ray`` imports vLLM at module level. Where vLLM is not installed
+    (CPU machines), the CPU stand-in takes its place; a real vLLM is never replaced."""
+    import importlib.util
+
+    if "vllm" in sys.modules or importlib.util.find_spec("vllm") is not None:
+        return
+    from .cpu import vllm_standin
+
+    vllm_standin.install()
+
+
+def install_flash_attn_stub() -> None:
+    """``openrlhf.models`` imports flash-attn, whose CUDA extension a CPU build lacks."""
+    if "flash_attn_2_cuda" not in sys.modules:
+        try:
+            import flash_attn_2_cuda  # noqa: F401
+        except ImportError:
+            sys.modules["flash_attn_2_cuda"] = types.ModuleType("flash_attn_2_cuda")
+
+
+_SHIMS_APPLIED = False
+
+
+def apply_cpu_shims() -> None:
+    """Make OpenRLHF 0.11.2's DeepSpeed strategy run on a CPU-only torch. Idempotent.
+
+    What it needs, measured on 0.11.2: ``torch.cuda.set_device``/``synchronize``/
+    ``empty_cache`` as no-ops; ``torch.cuda.current_device()`` returning ``"cpu"`` (it is
+    used as a device argument, utils/deepspeed/deepspeed.py); DeepSpeed's CPU accelerator
+    (gloo); an importable ``flash_attn_2_cuda``.
+    """
+    global _SHIMS_APPLIED
+    if _SHIMS_APPLIED:
+        return
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    install_flash_attn_stub()
+    import torch
+
+    def _noop(*args, **kwargs):
+        return None
+
+    torch.cuda.set_device = _noop
+    torch.cuda.synchronize = _noop
+    torch.cuda.empty_cache = _noop
+    torch.cuda.current_device = lambda: "cpu"
+    torch.cuda.current_stream = lambda *a, **k: None
+    _SHIMS_APPLIED = True
+
+
+def ensure_single_process_env() -> None:
+    """A one-process torch.distributed world when no launcher (torchrun, deepspeed) set one."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return
+    os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
+                       "MASTER_ADDR": "127.0.0.1"})
+    if "MASTER_PORT" not in os.environ:
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(s.getsockname()[1])

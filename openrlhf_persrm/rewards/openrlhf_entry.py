@@ -1,0 +1,95 @@
+"""The file OpenRLHF 0.11.2 loads as ``--reward.remote_url <this file>``.
+
+OpenRLHF imports it by path inside every rollout actor (so only absolute imports work
+here) and calls ``reward_func([query], [prompt], [label])`` from threads. The reward
+plugin and its configuration come from environment variables, which the launcher wrapper
+sets for the driver and every Ray worker:
+
+``PERSRM_REWARD_PLUGIN``
+    plugin name, dotted path or file (default ``persrm_rule``);
+``PERSRM_REWARD_CONFIG``
+    JSON object of keyword arguments for the plugin (default ``{}``);
+``PERSRM_REWARD_ON_ERROR``
+    reward given if the plugin itself raises (default ``-1.0``; such samples are also
+    counted in the ``plugin_error`` log).
+
+The plugin is built when this file is imported, so a plugin that fails to load stops
+the run at start-up instead of turning every reward into ``None`` later.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from typing import Any, Sequence
+
+from openrlhf_persrm.contracts import RewardOutput
+from openrlhf_persrm.registry import instantiate, reward_plugins
+
+logger = logging.getLogger("openrlhf_persrm.reward")
+
+ENV_PLUGIN = "PERSRM_REWARD_PLUGIN"
+ENV_CONFIG = "PERSRM_REWARD_CONFIG"
+ENV_ON_ERROR = "PERSRM_REWARD_ON_ERROR"
+
+
+def load_plugin_from_env(environ: dict[str, str] | None = None) -> Any:
+    env = os.environ if environ is None else environ
+    name = env.get(ENV_PLUGIN, "persrm_rule")
+    raw = env.get(ENV_CONFIG, "") or "{}"
+    try:
+        config = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{ENV_CONFIG} is not valid JSON ({exc}): {raw[:200]!r}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{ENV_CONFIG} must be a JSON object, got {raw[:200]!r}")
+    return instantiate(reward_plugins, name, config)
+
+
+_PLUGIN = load_plugin_from_env()
+_ON_ERROR = float(os.environ.get(ENV_ON_ERROR, "-1.0"))
+_KEYS_LOCK = threading.Lock()
+_KEYS: tuple[str, ...] | None = None  # extra_logs keys, kept identical for every sample
+
+
+def _as_output(result: Any, n: int) -> RewardOutput:
+    if isinstance(result, RewardOutput):
+        return result
+    if isinstance(result, dict):  # a plain OpenRLHF-style reward_func
+        def as_list(v: Any) -> list[float]:
+            if hasattr(v, "tolist"):
+                v = v.tolist()
+            return [float(x) for x in (v if isinstance(v, (list, tuple)) else [v])]
+        rewards = as_list(result["rewards"])
+        scores = as_list(result.get("scores", rewards))
+        extra = {k: as_list(v) for k, v in (result.get("extra_logs") or {}).items()}
+        return RewardOutput(rewards, scores, extra)
+    raise TypeError(f"reward plugin returned {type(result).__name__}; expected RewardOutput")
+
+
+def reward_func(queries: Sequence[str], prompts: Sequence[str], labels: Sequence[Any], **kwargs: Any) -> dict:
+    """OpenRLHF's reward-function contract; never raises."""
+    import torch
+
+    global _KEYS
+    n = len(queries)
+    try:
+        out = _as_output(_PLUGIN(queries, prompts, labels, **kwargs), n)
+        error = 0.0
+    except Exception:
+        logger.exception("reward plugin %s raised; giving %s to %d sample(s)",
+                         getattr(_PLUGIN, "name", _PLUGIN), _ON_ERROR, n)
+        out, error = RewardOutput([_ON_ERROR] * n, [0.0] * n, {}), 1.0
+    with _KEYS_LOCK:
+        if _KEYS is None and not error:
+            _KEYS = tuple(out.extra_logs)
+        keys = _KEYS or tuple(out.extra_logs)
+    extra = {k: torch.tensor(out.extra_logs.get(k, [0.0] * n), dtype=torch.float32) for k in keys}
+    extra["plugin_error"] = torch.full((n,), error)
+    return {
+        "rewards": torch.tensor(out.rewards, dtype=torch.float32),
+        "scores": torch.tensor(out.scores, dtype=torch.float32),
+        "extra_logs": extra,
+    }

@@ -1,0 +1,79 @@
+"""Shared fixtures. Tests run with ``--import-mode=importlib`` (the openrlhf wheel installs a
+top-level ``tests`` package), so this folder is put on ``sys.path`` for helper modules."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(HERE))
+
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def pytest_collection_modifyitems(config, items):
+    try:
+        import torch
+
+        has_gpu = torch.cuda.is_available()
+    except Exception:
+        has_gpu = False
+    if not has_gpu:
+        skip = pytest.mark.skip(reason="needs a CUDA GPU")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)
+
+
+def make_pair(i: int = 0, **overrides) -> dict:
+    row = {
+        "id": f"pair-{i}",
+        "author": "jane_austen" if i % 2 == 0 else "herman_melville",
+        "exemplars": [
+            "It is a truth universally acknowledged, that a single man in possession of a good fortune, "
+            "must be in want of a wife.",
+            "She was the youngest of the two daughters of a most affectionate, indulgent father.",
+        ],
+        "prompt": "The morning was fine, and Elinor walked out early.",
+        "chosen": "She had not gone far before she perceived, with no small degree of vexation, that she was observed.",
+        "rejected": "She had not gone far before she noticed, with no little degree of annoyance, that she was watched.",
+        "negative_type": "minor_replacement",
+    }
+    row.update(overrides)
+    return row
+
+
+def write_rows(path: Path, rows) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> str:
+    from _tiny import tiny_causal_lm
+
+    return tiny_causal_lm(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture
+def pairs_file(tmp_path) -> Path:
+    return write_rows(tmp_path / "pairs.jsonl", [make_pair(i) for i in range(6)])
+
+
+@pytest.fixture
+def sft_file(tmp_path) -> Path:
+    rows = []
+    for i in range(16):
+        pos = "A" if i % 2 == 0 else "B"
+        rows.append(make_pair(i, trace={
+            "reasoning": "The exemplars are measured and ironic, with long periodic sentences. "
+                         "The real continuation keeps that register; the other swaps in plainer words.",
+            "chosen_position": pos, "scores": [8, 4] if pos == "A" else [4, 8], "source": "test"}))
+    return write_rows(tmp_path / "sft.jsonl", rows)

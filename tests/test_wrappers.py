@@ -1,0 +1,83 @@
+"""Launcher wrappers: plugin flags in, OpenRLHF flags out, OpenRLHF's own parser as the judge."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import make_pair, write_rows
+
+from openrlhf_persrm.cli import train_ppo_ray, train_sft
+from openrlhf_persrm.cli._wrapper import WrapperError
+
+
+def _flag(tokens, flag):
+    return tokens[tokens.index(flag) + 1]
+
+
+def test_reward_plugin_becomes_remote_url_and_env(tmp_path, tiny_model, pairs_file):
+    tokens, env, _ = train_ppo_ray.prepare([
+        "--reward_plugin", "persrm_rule", "--reward_plugin_config", '{"format_penalty": -2}',
+        "--dataset_plugin", "persrm_rl", "--data.prompt_dataset", str(pairs_file),
+        "--actor.model_name_or_path", tiny_model, "--data.max_len", "4096",
+        "--persrm.cache_dir", str(tmp_path / "cache")])
+    assert _flag(tokens, "--reward.remote_url") == train_ppo_ray.reward_entry_file()
+    assert env == {"PERSRM_REWARD_PLUGIN": "persrm_rule", "PERSRM_REWARD_CONFIG": '{"format_penalty": -2}'}
+    rows_path = _flag(tokens, "--data.prompt_dataset")
+    assert rows_path.startswith(str(tmp_path / "cache")) and os.path.exists(rows_path)
+    assert _flag(tokens, "--data.input_key") == "prompt" and _flag(tokens, "--data.label_key") == "label"
+    assert "--data.apply_chat_template" in tokens
+    row = json.loads(open(rows_path).readline())
+    assert row["label"]["chosen_position"] in ("A", "B")
+
+
+def test_converted_datasets_are_cached_by_content(tmp_path, tiny_model, pairs_file):
+    args = ["--dataset_plugin", "persrm_rl", "--data.prompt_dataset", str(pairs_file),
+            "--actor.model_name_or_path", tiny_model, "--persrm.cache_dir", str(tmp_path / "c")]
+    first = _flag(train_ppo_ray.prepare(args)[0], "--data.prompt_dataset")
+    mtime = os.path.getmtime(first)
+    assert _flag(train_ppo_ray.prepare(args)[0], "--data.prompt_dataset") == first
+    assert os.path.getmtime(first) == mtime  # reused, not rewritten
+    write_rows(pairs_file, [make_pair(i) for i in range(3)])
+    assert _flag(train_ppo_ray.prepare(args)[0], "--data.prompt_dataset") != first
+
+
+@pytest.mark.parametrize("extra,match", [
+    (["--reward_plugin", "persrm_rule", "--reward.remote_url", "http://x/get_reward"], "keep one"),
+    (["--reward_plugin", "no_such"], "unknown reward plugin 'no_such'; known:"),
+    (["--reward_plugin_config", "{}"], "--reward_plugin_config needs --reward_plugin"),
+    (["--reward_plugin", "persrm_rule", "--reward_plugin_config", "[1]"], "expected a JSON object"),
+    (["--reward_plugin", "persrm_rule", "--reward_plugin_config", "{bad"], "not valid JSON"),
+    (["--dataset_plugin", "persrm_sft", "--data.prompt_dataset", "PAIRS"], "use a rl dataset plugin"),
+    (["--dataset_plugin", "persrm_rl", "--data.prompt_dataset", "PAIRS", "--data.input_key", "question"],
+     "--data.input_key 'question' conflicts with --dataset_plugin persrm_rl"),
+    (["--dataset_plugin", "persrm_rl", "--data.prompt_dataset", "missing.jsonl"], "give a file path"),
+])
+def test_ppo_wrapper_errors_name_the_flag(tmp_path, pairs_file, extra, match):
+    extra = [str(pairs_file) if e == "PAIRS" else e for e in extra]
+    with pytest.raises((WrapperError, ValueError, LookupError), match=match):
+        train_ppo_ray.prepare(extra + ["--persrm.cache_dir", str(tmp_path)])
+
+
+def test_unknown_openrlhf_flag_is_rejected_by_openrlhfs_parser(capsys):
+    with pytest.raises(SystemExit):
+        train_sft.prepare(["--no_such_flag", "1"])
+    assert "unrecognized arguments: --no_such_flag" in capsys.readouterr().err
+
+
+def test_sft_cpu_mode_sets_sdpa_and_rejects_flash(tmp_path):
+    tokens, cpu = train_sft.prepare(["--cpu"])
+    assert cpu and _flag(tokens, "--ds.attn_implementation") == "sdpa"
+    with pytest.raises(WrapperError, match="flash_attention_2 needs a GPU"):
+        train_sft.prepare(["--cpu", "--ds.attn_implementation", "flash_attention_2"])
+
+
+def test_help_shows_plugin_and_openrlhf_flags():
+    for mod in ("train_sft", "train_ppo_ray"):
+        out = subprocess.run([sys.executable, "-m", f"openrlhf_persrm.cli.{mod}", "--help"],
+                             capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr
+        assert "--dataset_plugin" in out.stdout and "--cpu" in out.stdout
+        assert ("--reward_plugin" in out.stdout) == (mod == "train_ppo_ray")
+        assert "--data.max_len" in out.stdout  # OpenRLHF's own flags follow
