@@ -1,0 +1,578 @@
+"""A continuous-batching generation engine over a transformers causal LM, for CPU rollouts.
+
+One background thread owns the model. Each step it admits waiting requests (prefilled
+together as one left-padded batch, identical prompts prefilled once), decodes one token for
+every running sequence in a single forward pass over a shared KV cache, samples, and retires
+sequences that finished; the caches of newcomers and of running sequences are left-padded to a
+common length and concatenated. Positions are passed explicitly and padding is masked, so a
+sequence's tokens do not depend on what it was batched with (up to float rounding; the model
+runs in float32).
+
+Sampling follows vLLM (see :class:`~openrlhf_persrm.cpu.vllm_standin.SamplingParams`).
+Returned logprobs follow vLLM's ``logprobs_mode``: ``raw_logprobs`` (vLLM's default) is the
+log-softmax of the model's logits before temperature, top-k/top-p and ``min_tokens`` masking;
+``processed_logprobs`` (what OpenRLHF 0.11.2 asks for whenever it uses rollout logprobs, i.e.
+``--algo.advantage.is_correction_level`` is not ``off``) is the log-softmax after them, which
+with top-p = 1 and top-k off equals OpenRLHF's own ``log_softmax(logits / temperature)``.
+Greedy rows have no temperature: their processed logprobs are the masked raw ones.
+
+Limits: decoder-only models whose KV cache is transformers' plain ``DynamicCache`` (full
+attention in every layer, e.g. Llama, Qwen2/3 without sliding windows); text only.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import random
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from openrlhf_persrm.cpu.vllm_standin import (
+    LOGPROBS_MODES,
+    CompletionOutput,
+    Logprob,
+    SamplingParams,
+    random_uuid,
+)
+
+logger = logging.getLogger(__name__)
+
+#: vLLM's default ``max_tokens``.
+DEFAULT_MAX_TOKENS = 16
+
+
+@dataclass
+class _Request:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    future: concurrent.futures.Future
+    outputs: list[CompletionOutput | None]
+    unfinished: int
+    aborted: bool = False
+
+
+@dataclass
+class _Row:
+    """One sequence being decoded: sample ``index`` of ``request``."""
+
+    request: _Request
+    index: int
+    generator: torch.Generator | None
+    stop_ids: frozenset[int]
+    max_tokens: int
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[dict[int, Logprob]] | None = None
+    cumulative_logprob: float = 0.0
+
+    @property
+    def params(self) -> SamplingParams:
+        return self.request.params
+
+
+@dataclass
+class _Batch:
+    """The running sequences and their shared, left-padded KV cache.
+
+    ``attention_mask`` covers the cached positions; ``next_tokens`` / ``next_positions`` are the
+    last sampled token of each row and its position, fed at the next decoding step.
+    """
+
+    rows: list[_Row] = field(default_factory=list)
+    cache: Any = None
+    attention_mask: torch.Tensor | None = None
+    next_tokens: torch.Tensor | None = None
+    next_positions: torch.Tensor | None = None
+
+
+class BatchedEngine:
+    """Generate for concurrent requests in shared batches on one background thread.
+
+    Args:
+        model: a causal LM (put in eval mode, float32 recommended).
+        tokenizer: its tokenizer (for text outputs and stop strings).
+        seed: seeds the per-sequence generators of requests without ``SamplingParams.seed``.
+        max_num_seqs: at most this many sequences decode together; 1 gives one-at-a-time decoding.
+        max_model_len: prompt + output limit; defaults to ``config.max_position_embeddings``.
+        logprobs_mode: ``raw_logprobs`` or ``processed_logprobs`` (see the module docstring).
+        admission_window_s: when idle, wait this long after a request arrives so that a burst of
+            concurrent requests is prefilled as one batch rather than one step apart.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        *,
+        seed: int = 0,
+        max_num_seqs: int = 64,
+        max_model_len: int | None = None,
+        logprobs_mode: str = "raw_logprobs",
+        admission_window_s: float = 0.005,
+    ) -> None:
+        if logprobs_mode not in LOGPROBS_MODES:
+            raise ValueError(f"logprobs_mode={logprobs_mode!r}; use one of {LOGPROBS_MODES}")
+        if max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
+        self.model = model.eval().requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.max_num_seqs = max_num_seqs
+        self.max_model_len = max_model_len or int(getattr(model.config, "max_position_embeddings", 1 << 30))
+        self.logprobs_mode = logprobs_mode
+        self.admission_window_s = admission_window_s
+        self.eos_token_ids = _eos_token_ids(model, tokenizer)
+        # remove_duplicate=False: a tied lm_head stays addressable under both names.
+        self._params = dict(model.named_parameters(remove_duplicate=False))
+        self._check_cache_layout()
+
+        self._seed_rng = random.Random(seed)
+        self._cond = threading.Condition()
+        self._waiting: deque[_Row] = deque()
+        self._requests: dict[str, _Request] = {}
+        self._batch = _Batch()
+        self._paused = False
+        self._stepping = False
+        self._stopped = False
+        # Held for each step and each weight copy, so a step never sees half-updated weights.
+        self._model_lock = threading.Lock()
+        self._thread = threading.Thread(target=self._loop, name="persrm-cpu-engine", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model_path: str,
+        *,
+        tokenizer_path: str | None = None,
+        trust_remote_code: bool = False,
+        **kwargs: Any,
+    ) -> "BatchedEngine":
+        """Load a HF checkpoint in float32 with SDPA attention and wrap it."""
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        model = AutoModelForCausalLM.from_pretrained(
+            model_path, dtype=torch.float32, attn_implementation="sdpa", trust_remote_code=trust_remote_code
+        )
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_path or model_path, trust_remote_code=trust_remote_code)
+        return cls(model, tokenizer, **kwargs)
+
+    # ------------------------------------------------------------------ public API (thread-safe)
+
+    def submit(
+        self, prompt_token_ids: Sequence[int], params: SamplingParams, request_id: str | None = None
+    ) -> concurrent.futures.Future:
+        """Queue one request; the future resolves to its ``CompletionOutput`` list (by index)."""
+        params.validate()
+        prompt = [int(t) for t in prompt_token_ids]
+        if not prompt:
+            raise ValueError("prompt_token_ids is empty")
+        if len(prompt) >= self.max_model_len:
+            raise ValueError(f"prompt of {len(prompt)} tokens does not fit max_model_len={self.max_model_len}")
+        request_id = request_id or random_uuid()
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        request = _Request(request_id, prompt, params, future, [None] * params.n, params.n)
+        stop_ids = frozenset(params.stop_token_ids or ()) | (frozenset() if params.ignore_eos else self.eos_token_ids)
+        budget = min(params.max_tokens or DEFAULT_MAX_TOKENS, self.max_model_len - len(prompt))
+        with self._cond:
+            if self._stopped:
+                raise RuntimeError("engine is shut down")
+            if request_id in self._requests:
+                raise ValueError(f"duplicate request_id {request_id!r}")
+            self._requests[request_id] = request
+            for index in range(params.n):
+                if params.is_greedy:
+                    generator = None
+                else:
+                    seed = params.seed + index if params.seed is not None else self._seed_rng.getrandbits(63)
+                    generator = torch.Generator().manual_seed(seed)
+                self._waiting.append(_Row(request, index, generator, stop_ids, budget))
+            self._cond.notify_all()
+        return future
+
+    def generate(
+        self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams]
+    ) -> list[list[CompletionOutput]]:
+        """Submit all prompts at once (so they batch) and wait for all results."""
+        params_list = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
+        futures = [self.submit(p, sp) for p, sp in zip(prompts, params_list, strict=True)]
+        return [f.result() for f in futures]
+
+    def abort(self, request_id: str) -> None:
+        """Drop a request; its future is cancelled. Unknown ids are ignored (it may have finished)."""
+        with self._cond:
+            request = self._requests.pop(request_id, None)
+            if request is None:
+                return
+            request.aborted = True
+            self._waiting = deque(r for r in self._waiting if r.request is not request)
+            request.future.cancel()
+
+    def num_unfinished_requests(self) -> int:
+        with self._cond:
+            return len(self._requests)
+
+    @property
+    def paused(self) -> bool:
+        return self._paused
+
+    def pause(self) -> None:
+        """Stop scheduling steps (in-flight sequences keep their state); returns once no step runs."""
+        with self._cond:
+            self._paused = True
+            self._cond.wait_for(lambda: not self._stepping)
+
+    def resume(self) -> None:
+        with self._cond:
+            self._paused = False
+            self._cond.notify_all()
+
+    def wait_until_idle(self, timeout: float | None = None) -> bool:
+        """Block until no request is waiting or running; False on timeout."""
+        with self._cond:
+            return self._cond.wait_for(lambda: not self._requests, timeout)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy tensors into the parameters of the same names (cast to the model's dtype)."""
+        with self._model_lock, torch.no_grad():
+            for name, tensor in weights:
+                param = self._params.get(name)
+                if param is None:
+                    raise ValueError(f"load_weights: the model has no parameter {name!r}")
+                if tuple(param.shape) != tuple(tensor.shape):
+                    raise ValueError(
+                        f"load_weights: {name} has shape {tuple(param.shape)}, got {tuple(tensor.shape)}"
+                    )
+                param.copy_(tensor)
+
+    def shutdown(self) -> None:
+        """Stop the thread; unfinished requests fail with RuntimeError."""
+        with self._cond:
+            self._stopped = True
+            self._cond.notify_all()
+        self._thread.join()
+
+    # ------------------------------------------------------------------ scheduler thread
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(
+                    lambda: self._stopped or (not self._paused and (self._waiting or self._batch.rows))
+                )
+                if self._stopped:
+                    self._fail_all(RuntimeError("engine shut down"))
+                    return
+                idle = not self._batch.rows
+            if idle and self.admission_window_s > 0:
+                time.sleep(self.admission_window_s)
+            with self._cond:
+                if self._paused:
+                    continue
+                self._stepping = True
+                admitted = self._admit()
+            try:
+                with self._model_lock, torch.inference_mode():
+                    self._step(admitted)
+            except Exception as exc:  # noqa: BLE001 -- fail the requests, keep serving new ones
+                logger.exception("CPU engine step failed")
+                with self._cond:
+                    self._fail_all(exc)
+            finally:
+                with self._cond:
+                    self._stepping = False
+                    self._cond.notify_all()
+
+    def _admit(self) -> list[_Row]:
+        room = self.max_num_seqs - len(self._batch.rows)
+        admitted = []
+        while self._waiting and len(admitted) < room:
+            admitted.append(self._waiting.popleft())
+        return admitted
+
+    def _fail_all(self, exc: BaseException) -> None:
+        for request in self._requests.values():
+            if not request.future.done():
+                request.future.set_exception(exc)
+        self._requests.clear()
+        self._waiting.clear()
+        self._batch = _Batch()
+
+    def _step(self, admitted: list[_Row]) -> None:
+        batch = self._batch
+        logits = []
+        if batch.rows:
+            logits.append(self._decode(batch))
+        if admitted:
+            prefilled = self._prefill(admitted)
+            logits.append(prefilled.pop("logits"))
+            self._merge(batch, admitted, **prefilled)
+        tokens, logprob_rows = self._sample(batch.rows, torch.cat(logits))
+        self._advance(batch, tokens, logprob_rows)
+
+    # ------------------------------------------------------------------ model passes
+
+    def _forward(self, input_ids, attention_mask, position_ids, cache) -> torch.Tensor:
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        return out.logits[:, -1].float()
+
+    def _decode(self, batch: _Batch) -> torch.Tensor:
+        ones = torch.ones(len(batch.rows), 1, dtype=batch.attention_mask.dtype)
+        batch.attention_mask = torch.cat([batch.attention_mask, ones], dim=1)
+        logits = self._forward(
+            batch.next_tokens[:, None], batch.attention_mask, batch.next_positions[:, None], batch.cache
+        )
+        batch.next_positions = batch.next_positions + 1
+        return logits
+
+    def _prefill(self, rows: list[_Row]) -> dict[str, Any]:
+        """Prefill the distinct prompts of ``rows`` once, then expand to one cache row per row."""
+        from transformers import DynamicCache
+
+        distinct: dict[tuple[int, ...], int] = {}
+        for row in rows:
+            distinct.setdefault(tuple(row.request.prompt_token_ids), len(distinct))
+        prompts = list(distinct)
+        width = max(len(p) for p in prompts)
+        pad_id = 0  # masked out; any valid id works
+        input_ids = torch.tensor([[pad_id] * (width - len(p)) + list(p) for p in prompts])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache(config=self.model.config)
+        logits = self._forward(input_ids, mask, positions, cache)
+        expand = torch.tensor([distinct[tuple(row.request.prompt_token_ids)] for row in rows])
+        if len(prompts) != len(rows) or not torch.equal(expand, torch.arange(len(rows))):
+            _select_cache_rows(cache, expand)
+            logits, mask = logits[expand], mask[expand]
+        next_positions = torch.tensor([len(row.request.prompt_token_ids) for row in rows])
+        return {"logits": logits, "cache": cache, "attention_mask": mask, "next_positions": next_positions}
+
+    def _merge(self, batch: _Batch, rows: list[_Row], cache: Any, attention_mask, next_positions) -> None:
+        """Append prefilled ``rows`` to the running batch (left-padding the shorter cache)."""
+        if not batch.rows:
+            batch.rows, batch.cache, batch.attention_mask, batch.next_positions = (
+                list(rows), cache, attention_mask, next_positions
+            )
+            return
+        width = max(batch.attention_mask.shape[1], attention_mask.shape[1])
+        for old, new in zip(batch.cache.layers, cache.layers, strict=True):
+            old.keys = torch.cat([_left_pad(old.keys, width), _left_pad(new.keys, width)])
+            old.values = torch.cat([_left_pad(old.values, width), _left_pad(new.values, width)])
+        batch.attention_mask = torch.cat(
+            [_left_pad(batch.attention_mask, width, dim=1), _left_pad(attention_mask, width, dim=1)]
+        )
+        batch.next_positions = torch.cat([batch.next_positions, next_positions])
+        batch.rows.extend(rows)
+
+    # ------------------------------------------------------------------ sampling
+
+    def _sample(self, rows: list[_Row], logits: torch.Tensor) -> tuple[list[int], list[torch.Tensor | None]]:
+        """Pick one token per row; also return the logprob vector each row reports (or None).
+
+        Vectorised over the batch: on small models per-row tensor calls would cost as much as
+        the forward pass. Each sampled row still draws from its own generator, so its tokens do
+        not depend on its neighbours.
+        """
+        want_logprobs = [row.params.logprobs is not None for row in rows]
+        raw = F.log_softmax(logits, dim=-1) if self.logprobs_mode == "raw_logprobs" and any(want_logprobs) else None
+        # min_tokens: EOS / stop ids are not allowed yet (vLLM's processor; after raw logprobs).
+        for i, row in enumerate(rows):
+            if len(row.token_ids) < row.params.min_tokens and row.stop_ids:
+                logits[i, list(row.stop_ids)] = float("-inf")
+        greedy = torch.tensor([row.params.is_greedy for row in rows])
+        tokens = logits.argmax(dim=-1)
+        processed = logits
+        if not bool(greedy.all()):
+            temperature = torch.tensor([1.0 if row.params.is_greedy else row.params.temperature for row in rows])
+            top_k = torch.tensor([row.params.top_k if not row.params.is_greedy else 0 for row in rows])
+            top_p = torch.tensor([row.params.top_p if not row.params.is_greedy else 1.0 for row in rows])
+            processed = _top_k_top_p(logits / temperature[:, None], top_k, top_p)
+            probs = torch.softmax(processed, dim=-1)
+            # Inverse-CDF sampling with one uniform draw per row from that row's generator.
+            uniform = torch.stack(
+                [torch.rand((), generator=row.generator) if row.generator is not None else torch.zeros(()) for row in rows]
+            )
+            cdf = probs.cumsum(dim=-1)
+            # right=True picks the first token whose CDF exceeds u: never a zero-probability one.
+            drawn = torch.searchsorted(cdf, (uniform * cdf[:, -1])[:, None], right=True)[:, 0]
+            tokens = torch.where(greedy, tokens, drawn.clamp(max=logits.shape[-1] - 1))
+        logprob_rows: list[torch.Tensor | None] = [None] * len(rows)
+        if any(want_logprobs):
+            reported = raw if raw is not None else F.log_softmax(processed, dim=-1)
+            logprob_rows = [reported[i] if want else None for i, want in enumerate(want_logprobs)]
+        return tokens.tolist(), logprob_rows
+
+    # ------------------------------------------------------------------ bookkeeping
+
+    def _advance(self, batch: _Batch, tokens: list[int], logprob_rows: list[torch.Tensor | None]) -> None:
+        keep = []
+        for i, (row, token, lp) in enumerate(zip(batch.rows, tokens, logprob_rows, strict=True)):
+            row.token_ids.append(token)
+            if lp is not None:
+                self._record_logprobs(row, token, lp)
+            done = self._finish_if_done(row, token)
+            if not done and not row.request.aborted:
+                keep.append(i)
+        batch.next_tokens = torch.tensor(tokens)
+        if len(keep) == len(batch.rows):
+            return
+        if not keep:
+            self._batch = _Batch()
+            return
+        index = torch.tensor(keep)
+        _select_cache_rows(batch.cache, index)
+        batch.rows = [batch.rows[i] for i in keep]
+        batch.attention_mask = batch.attention_mask[index]
+        batch.next_tokens = batch.next_tokens[index]
+        batch.next_positions = batch.next_positions[index]
+        # Columns that are padding in every remaining row are dead weight: trim them.
+        first_live = int(batch.attention_mask.any(dim=0).int().argmax())
+        if first_live:
+            batch.attention_mask = batch.attention_mask[:, first_live:]
+            for layer in batch.cache.layers:
+                layer.keys = layer.keys[..., first_live:, :]
+                layer.values = layer.values[..., first_live:, :]
+
+    def _record_logprobs(self, row: _Row, token: int, logprobs: torch.Tensor) -> None:
+        value = float(logprobs[token])
+        rank = int((logprobs > logprobs[token]).sum()) + 1
+        entry = {token: Logprob(value, rank, self.tokenizer.decode([token]))}
+        k = row.params.logprobs or 0
+        if k:
+            top = torch.topk(logprobs, k)
+            for r, (v, t) in enumerate(zip(top.values.tolist(), top.indices.tolist()), start=1):
+                entry.setdefault(t, Logprob(v, r, self.tokenizer.decode([t])))
+        if row.logprobs is None:
+            row.logprobs = []
+        row.logprobs.append(entry)
+        row.cumulative_logprob += value
+
+    def _finish_if_done(self, row: _Row, token: int) -> bool:
+        params = row.params
+        finish_reason = stop_reason = None
+        text = None
+        n = len(row.token_ids)
+        if token in row.stop_ids:
+            finish_reason = "stop"
+            # vLLM: stop_reason is the stop token id for stop_token_ids, None for EOS.
+            stop_reason = token if token in (params.stop_token_ids or ()) else None
+        elif params.stop_strings and n > params.min_tokens:
+            text = self._decode_text(row.token_ids, params)
+            hit = _find_stop_string(text, params.stop_strings)
+            if hit is not None:
+                at, stop = hit
+                finish_reason, stop_reason = "stop", stop
+                text = text[: at + len(stop)] if params.include_stop_str_in_output else text[:at]
+        if finish_reason is None and n >= row.max_tokens:
+            finish_reason, text = "length", None
+        if finish_reason is None:
+            return False
+        if text is None:
+            # The stop token itself is not detokenized unless asked (vLLM's detokenizer).
+            ids = row.token_ids
+            if finish_reason == "stop" and not params.include_stop_str_in_output:
+                ids = ids[:-1]
+            text = self._decode_text(ids, params)
+        output = CompletionOutput(
+            index=row.index,
+            text=text,
+            token_ids=list(row.token_ids),
+            cumulative_logprob=row.cumulative_logprob if params.logprobs is not None else None,
+            logprobs=row.logprobs if params.logprobs is not None else None,
+            finish_reason=finish_reason,
+            stop_reason=stop_reason,
+        )
+        self._complete(row.request, output)
+        return True
+
+    def _decode_text(self, token_ids: list[int], params: SamplingParams) -> str:
+        return self.tokenizer.decode(
+            token_ids,
+            skip_special_tokens=params.skip_special_tokens,
+            spaces_between_special_tokens=params.spaces_between_special_tokens,
+        )
+
+    def _complete(self, request: _Request, output: CompletionOutput) -> None:
+        # Under the lock: abort() may cancel the future from another thread at any time.
+        with self._cond:
+            if request.aborted:
+                return
+            request.outputs[output.index] = output
+            request.unfinished -= 1
+            if request.unfinished == 0:
+                self._requests.pop(request.request_id, None)
+                request.future.set_result(list(request.outputs))
+                self._cond.notify_all()
+
+    def _check_cache_layout(self) -> None:
+        from transformers import DynamicCache
+        from transformers.cache_utils import DynamicLayer
+
+        layers = DynamicCache(config=self.model.config).layers
+        odd = {type(layer).__name__ for layer in layers if type(layer) is not DynamicLayer}
+        if odd:
+            raise ValueError(
+                f"the CPU engine batches plain full-attention KV caches only; this model uses {sorted(odd)}"
+            )
+
+
+def _eos_token_ids(model: Any, tokenizer: Any) -> frozenset[int]:
+    """EOS ids from the tokenizer and the generation config (vLLM stops on both)."""
+    ids: set[int] = set()
+    for source in (getattr(tokenizer, "eos_token_id", None), getattr(model.generation_config, "eos_token_id", None)):
+        if source is None:
+            continue
+        ids.update([source] if isinstance(source, int) else source)
+    return frozenset(ids)
+
+
+def _left_pad(x: torch.Tensor, width: int, dim: int = -2) -> torch.Tensor:
+    """Zero-pad ``x`` on the left of ``dim`` up to ``width`` (KV: dim -2; masks: dim 1)."""
+    missing = width - x.shape[dim]
+    if missing == 0:
+        return x
+    shape = list(x.shape)
+    shape[dim] = missing
+    return torch.cat([x.new_zeros(shape), x], dim=dim)
+
+
+def _select_cache_rows(cache: Any, index: torch.Tensor) -> None:
+    for layer in cache.layers:
+        layer.keys = layer.keys[index]
+        layer.values = layer.values[index]
+
+
+def _top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Mask, per row, logits outside the top-k (k <= 0: off) and the top-p nucleus with -inf."""
+    vocab = logits.shape[-1]
+    use_k = (top_k > 0) & (top_k < vocab)
+    use_p = top_p < 1.0
+    if not bool(use_k.any() or use_p.any()):
+        return logits
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    rank = torch.arange(vocab)[None, :]
+    drop = use_k[:, None] & (rank >= top_k[:, None])
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    probs = torch.softmax(sorted_logits, dim=-1)
+    # Drop a token once the tokens ranked before it already reach top_p (the top one always stays).
+    drop |= use_p[:, None] & ((probs.cumsum(dim=-1) - probs) >= top_p[:, None])
+    return logits.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), float("-inf"))
+
+
+def _find_stop_string(text: str, stops: Sequence[str]) -> tuple[int, str] | None:
+    """The earliest occurrence of any stop string in ``text`` as ``(index, stop)``."""
+    hits = [(text.find(s), s) for s in stops if s and s in text]
+    return min(hits) if hits else None
