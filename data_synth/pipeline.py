@@ -1,0 +1,646 @@
+"""The synthesis pipeline: plan -> generate (resumably) -> assemble -> write outputs + manifest.
+
+1. **Plan** (pure, seeded): read the corpus, pick the subset, split by author, and turn each
+   target paragraph into one :class:`PairTask` per negative type it is assigned: prompt,
+   real continuation, exemplars (same author, same split, never the target or its
+   neighbours, other works first).
+2. **Generate**: each task makes its negative (checked, retried, or rejected) and, for the
+   trace splits, its teacher reasoning traces (rejection sampling). Every finished task is
+   appended as one JSON line to ``<output_dir>/.work/results.jsonl``; a rerun of the same
+   command skips finished tasks, and a torn last line (the process was killed while
+   writing it) is discarded. Teacher replies are cached by request, and every random choice
+   is seeded by the task id, so results do not depend on timing, order or interruptions.
+3. **Assemble** (pure): results in plan order, duplicates removed, A/B positions balanced,
+   files written atomically, ``manifest.json`` last.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import os
+import random
+import time
+from collections import Counter, defaultdict
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Sequence
+
+from openrlhf_persrm.judge_format import Judgment, assign_positions, arrange, build_messages, parse_judgment
+from openrlhf_persrm.pairs import PairRecord, Trace, write_pairs
+
+from .config import SPLITS, SynthConfig
+from .corpus import Corpus, Paragraph, load_corpus
+from .negatives import (RANDOM_STYLES, TEACHER_TYPES, CrossAuthorPool, Continuation, NegativeBounds,
+                        check_negative, clean_continuation, cross_author, mimic_messages, minor_replacement,
+                        random_style_messages)
+from .splits import SplitPlan, exemplar_candidates, seeded_key, split_corpus
+from .stylometry import bootstrap_reasoning
+from .text import count_words, split_prompt
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "persrm-synth/1"
+WORK_DIR = ".work"
+OUTPUT_FILES = ("pairs.jsonl", "sft.jsonl", "sft_validation.jsonl", "rl.jsonl", "rl_validation.jsonl",
+                "manifest.json")
+# Flags that change how fast a run goes, never what it writes: a resume may change them.
+_TRANSPORT_FIELDS = {"teacher": ("base_url", "api_key_env", "concurrency", "timeout", "retries", "backoff",
+                                 "cache", "threads")}
+
+
+class IncompleteRun(RuntimeError):
+    """Some tasks could not reach the teacher; rerunning the same command finishes them."""
+
+
+def demo_corpus_path() -> str:
+    import openrlhf_persrm
+
+    return os.path.join(os.path.dirname(openrlhf_persrm.__file__), "data", "demo_corpus.jsonl")
+
+
+def code_version() -> dict[str, str]:
+    """A content hash of the code that decides what is written (this package, the pair and judge formats)."""
+    import openrlhf_persrm
+
+    digest = hashlib.sha256()
+    here = Path(__file__).parent
+    files = sorted(here.glob("*.py")) + [Path(openrlhf_persrm.__file__).parent / n
+                                         for n in ("pairs.py", "judge_format.py")]
+    for path in files:
+        digest.update(path.name.encode() + b"\x00" + path.read_bytes())
+    return {"data_synth": digest.hexdigest()[:16], "openrlhf_persrm": openrlhf_persrm.__version__}
+
+
+def content_config(cfg: SynthConfig) -> dict[str, Any]:
+    """The configuration that decides the outputs (no paths of this run, no transport knobs)."""
+    out = asdict(cfg)
+    out.pop("output_dir")
+    out.pop("progress")
+    for section, names in _TRANSPORT_FIELDS.items():
+        for name in names:
+            out[section].pop(name, None)
+    return out
+
+
+# --------------------------------------------------------------------------- planning
+
+@dataclass(frozen=True)
+class PairTask:
+    id: str
+    split: str
+    author: str
+    work: str
+    idx: int
+    prompt: str
+    chosen: str
+    exemplars: tuple[str, ...]
+    exemplar_refs: tuple[str, ...]
+    negative_type: str
+    needs_trace: bool
+    planned_position: str
+
+
+@dataclass
+class Plan:
+    paragraphs: list[Paragraph]
+    splits: SplitPlan
+    tasks: list[PairTask]
+    pools: dict[str, CrossAuthorPool]
+    skipped: Counter = field(default_factory=Counter)
+
+
+def select_paragraphs(paragraphs: Sequence[Paragraph], cfg: SynthConfig) -> list[Paragraph]:
+    """The subset of the corpus this run uses (seeded, whole runs of consecutive paragraphs)."""
+    seed, c = cfg.seed, cfg.corpus
+    by_author: dict[str, list[Paragraph]] = defaultdict(list)
+    for p in paragraphs:
+        by_author[p.author].append(p)
+    authors = sorted(by_author)
+    if c.authors:
+        missing = [a for a in c.authors if a not in by_author]
+        if missing:
+            raise ValueError(f"--corpus.authors names {missing}, not in the corpus; known authors include "
+                             f"{', '.join(authors[:10])}")
+        authors = [a for a in authors if a in set(c.authors)]
+    if c.max_authors is not None and len(authors) > c.max_authors:
+        authors = sorted(sorted(authors, key=lambda a: seeded_key(seed, "author", a))[:c.max_authors])
+    out: list[Paragraph] = []
+    for a in authors:
+        items = sorted(by_author[a], key=lambda p: (p.work, p.idx))
+        if c.max_paragraphs_per_author is not None and len(items) > c.max_paragraphs_per_author:
+            run = max(1, cfg.split.block_size)
+            runs = [items[i:i + run] for i in range(0, len(items), run)]
+            runs.sort(key=lambda r: seeded_key(seed, "run", r[0].uid))
+            kept: list[Paragraph] = []
+            for r in runs:
+                if len(kept) >= c.max_paragraphs_per_author:
+                    break
+                kept.extend(r[: c.max_paragraphs_per_author - len(kept)])
+            items = sorted(kept, key=lambda p: (p.work, p.idx))
+        out.extend(items)
+    return out
+
+
+def plan_tasks(paragraphs: Sequence[Paragraph], cfg: SynthConfig) -> Plan:
+    """Every pair this run will try to make, in a deterministic order."""
+    seed, pc = cfg.seed, cfg.pairs
+    splits = split_corpus(paragraphs, cfg.split, seed)
+    by_uid = {p.uid: p for p in paragraphs}
+    cut: dict[str, tuple[str, str] | None] = {
+        p.uid: split_prompt(p.text, min_prompt_words=pc.min_prompt_words,
+                            max_prompt_sentences=pc.max_prompt_sentences,
+                            min_continuation_words=pc.min_continuation_words) for p in paragraphs}
+    tasks: list[PairTask] = []
+    pools: dict[str, CrossAuthorPool] = {}
+    skipped: Counter = Counter()
+    types = list(pc.negative_types)
+    for split in SPLITS:
+        members = [by_uid[u] for u in splits.members(split)]
+        pools[split] = CrossAuthorPool([
+            Continuation(p.uid, p.author, cut[p.uid][1], count_words(cut[p.uid][1]))
+            for p in members if cut[p.uid] is not None])
+        by_author: dict[str, list[Paragraph]] = defaultdict(list)
+        for p in members:
+            by_author[p.author].append(p)
+        targets: list[Paragraph] = []
+        for author in sorted(by_author):
+            candidates = [p for p in by_author[author] if p.uid not in splits.exemplar_only]
+            candidates.sort(key=lambda p: seeded_key(seed, "target", p.uid))
+            usable = []
+            for p in candidates:
+                if cut[p.uid] is None:
+                    skipped[f"{split}:unsplittable"] += 1
+                    continue
+                usable.append(p)
+            if pc.max_targets_per_author is not None:
+                usable = usable[:pc.max_targets_per_author]
+            targets.extend(usable)
+        targets.sort(key=lambda p: seeded_key(seed, "types", p.uid))
+        split_tasks: list[PairTask] = []
+        for rank, p in enumerate(targets):
+            rng = random.Random(seeded_key(seed, "exemplars", p.uid))
+            options = exemplar_candidates(p, by_author[p.author], cfg.split.neighbour_window, seed)
+            if len(options) < pc.min_exemplars:
+                skipped[f"{split}:too_few_exemplars"] += 1
+                continue
+            k = min(len(options), rng.randint(pc.min_exemplars, pc.max_exemplars))
+            chosen_ex = options[:k]
+            prompt, continuation = cut[p.uid]
+            for j in range(cfg.pairs.types_per_paragraph):
+                ntype = types[(rank + j) % len(types)]
+                split_tasks.append(PairTask(
+                    id=f"{p.uid}:{ntype}", split=split, author=p.author, work=p.work, idx=p.idx,
+                    prompt=prompt, chosen=continuation, exemplars=tuple(e.text for e in chosen_ex),
+                    exemplar_refs=tuple(e.uid for e in chosen_ex), negative_type=ntype,
+                    needs_trace=split in cfg.traces.splits, planned_position=""))
+        split_tasks.sort(key=lambda t: t.id)
+        positions = assign_positions([t.id for t in split_tasks], seed)
+        tasks.extend(replace(t, planned_position=pos) for t, pos in zip(split_tasks, positions))
+    return Plan(list(paragraphs), splits, tasks, pools, skipped)
+
+
+# --------------------------------------------------------------------------- generation
+
+def _int_seed(*parts: object) -> int:
+    return int(seeded_key(*parts)[:8], 16)
+
+
+@dataclass
+class Context:
+    cfg: SynthConfig
+    plan: Plan
+    teacher: Any
+    wordnet: Any = None
+
+    @property
+    def bounds(self) -> NegativeBounds:
+        p = self.cfg.pairs
+        return NegativeBounds(p.min_length_ratio, p.max_length_ratio, p.min_replaced, p.max_replaced)
+
+
+async def make_negative(task: PairTask, ctx: Context) -> tuple[str | None, dict[str, Any], Counter]:
+    """``(rejected text or None, provenance, failed-try reasons)`` for one task."""
+    from .teachers import ChatRequest
+
+    cfg, seed = ctx.cfg, ctx.cfg.seed
+    reasons: Counter = Counter()
+    n_words = count_words(task.chosen)
+    tried: set[str] = set()
+    for attempt in range(cfg.pairs.max_tries):
+        rng = random.Random(seeded_key(seed, "negative", task.id, attempt))
+        provenance: dict[str, Any] = {"tries": attempt + 1}
+        if task.negative_type == "minor_replacement":
+            made = minor_replacement(task.chosen, ctx.wordnet, rng, min_replaced=cfg.pairs.min_replaced,
+                                     max_replaced=cfg.pairs.max_replaced)
+            if made is None:
+                reasons["too_few_replaceable"] += 1
+                break  # more tries cannot find more replaceable words
+            text, replaced = made
+            provenance["replacements"] = [[r.original, r.replacement, r.pos] for r in replaced]
+            provenance["source"] = "wordnet-3.0"
+        elif task.negative_type == "cross_author":
+            found = cross_author(task.author, n_words, ctx.plan.pools[task.split], rng, exclude=frozenset(tried))
+            if found is None:
+                reasons["no_cross_author_candidate"] += 1
+                break
+            tried.add(found.uid)
+            text = found.text
+            provenance.update({"source_uid": found.uid, "source_author": found.author})
+        elif task.negative_type in TEACHER_TYPES:
+            if task.negative_type == "style_mimic":
+                messages = mimic_messages(task.exemplars, task.prompt, n_words)
+            else:
+                style = RANDOM_STYLES[rng.randrange(len(RANDOM_STYLES))]
+                messages = random_style_messages(task.prompt, n_words, style)
+                provenance["style"] = style
+            request = ChatRequest.make(messages, max_tokens=cfg.teacher.max_tokens,
+                                       temperature=cfg.teacher.temperature,
+                                       seed=_int_seed(seed, "teacher_negative", task.id, attempt))
+            raw = await ctx.teacher.chat(request)
+            text = clean_continuation(raw, task.prompt, max_words=int(n_words * cfg.pairs.max_length_ratio))
+            provenance["source"] = "teacher:" + str(ctx.teacher.identity.get("model"))
+        else:  # guarded by the config; kept for third-party types
+            raise ValueError(f"unknown negative type {task.negative_type!r}")
+        reason = check_negative(task.negative_type, task.chosen, text, exemplars=task.exemplars,
+                                prompt=task.prompt, bounds=ctx.bounds)
+        if reason is None:
+            return text, provenance, reasons
+        reasons[reason] += 1
+    return None, {}, reasons
+
+
+async def teacher_trace(task: PairTask, rejected: str, position: str, ctx: Context) -> tuple[dict | None, Counter]:
+    """Rejection sampling: up to ``traces.tries`` judgments with the real text at ``position``."""
+    from .teachers import ChatRequest
+
+    outcomes: Counter = Counter()
+    a, b = arrange(task.chosen, rejected, position)
+    messages = build_messages(task.exemplars, task.prompt, a, b)
+    for attempt in range(ctx.cfg.traces.tries):
+        request = ChatRequest.make(messages, max_tokens=ctx.cfg.teacher.judge_max_tokens,
+                                   temperature=ctx.cfg.teacher.temperature,
+                                   seed=_int_seed(ctx.cfg.seed, "judge", task.id, position, attempt))
+        result = parse_judgment(await ctx.teacher.chat(request))
+        outcomes["judgments"] += 1
+        if not isinstance(result, Judgment):
+            outcomes[f"unreadable:{result.kind.value}"] += 1
+            continue
+        if result.preferred is None:
+            outcomes["tie"] += 1
+            continue
+        if result.preferred != position:
+            outcomes["prefers_negative"] += 1
+            continue
+        if not result.reasoning.strip():
+            outcomes["empty_reasoning"] += 1
+            continue
+        outcomes["accepted"] += 1
+        trace = Trace(result.reasoning.strip(), position, (result.score_a, result.score_b),
+                      "teacher:" + str(ctx.teacher.identity.get("model")))
+        return trace.to_json(), outcomes
+    return None, outcomes
+
+
+async def process_task(task: PairTask, ctx: Context) -> dict[str, Any]:
+    """Everything one task produces, as the JSON line written to the work log."""
+    rejected, provenance, reasons = await make_negative(task, ctx)
+    record: dict[str, Any] = {"id": task.id, "rejected": rejected, "negative": provenance,
+                              "failed_tries": dict(reasons), "traces": {}, "trace_outcomes": {}}
+    if rejected is not None and task.needs_trace and ctx.teacher.can_generate:
+        orders = ["A", "B"] if ctx.cfg.traces.orders == "both" else [task.planned_position]
+        outcomes: Counter = Counter()
+        for position in orders:
+            trace, got = await teacher_trace(task, rejected, position, ctx)
+            outcomes.update(got)
+            record["traces"][position] = trace
+            if trace is None:
+                break  # the pair already fails "both orders"; save the teacher's time
+        record["trace_outcomes"] = dict(outcomes)
+    return record
+
+
+class WorkLog:
+    """Append-only JSONL of finished tasks; tolerant of a torn last line."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def load(self) -> dict[str, dict[str, Any]]:
+        done: dict[str, dict[str, Any]] = {}
+        if not self.path.exists():
+            return done
+        data = self.path.read_bytes()
+        good = 0
+        for line in data.splitlines(keepends=True):
+            if not line.endswith(b"\n"):
+                break  # killed mid-write: this line is incomplete
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError:
+                break
+            done.setdefault(obj["id"], obj)
+            good += len(line)
+        if good != len(data):
+            with open(self.path, "r+b") as fh:
+                fh.truncate(good)
+            logger.info("work log %s: dropped a torn last line (%d bytes)", self.path, len(data) - good)
+        return done
+
+    def open(self):
+        return open(self.path, "a", encoding="utf-8")
+
+
+async def _generate(todo: list[PairTask], ctx: Context, log: WorkLog, bar: Any) -> tuple[int, int]:
+    """Run tasks with bounded concurrency; returns (finished, deferred)."""
+    from .teachers import TeacherError
+
+    queue: asyncio.Queue = asyncio.Queue()
+    for t in todo:
+        queue.put_nowait(t)
+    finished = deferred = 0
+    workers = max(1, ctx.teacher.concurrency if ctx.teacher.can_generate else 1)
+    with log.open() as fh:
+        async def worker() -> None:
+            nonlocal finished, deferred
+            while True:
+                try:
+                    task = queue.get_nowait()
+                except asyncio.QueueEmpty:
+                    return
+                try:
+                    record = await process_task(task, ctx)
+                except TeacherError as exc:
+                    deferred += 1
+                    logger.warning("task %s deferred: %s", task.id, exc)
+                    continue
+                fh.write(json.dumps(record, ensure_ascii=False) + "\n")
+                fh.flush()
+                finished += 1
+                bar.update(1)
+
+        jobs = [asyncio.create_task(worker()) for _ in range(workers)]
+        try:
+            await asyncio.gather(*jobs)
+        finally:
+            for job in jobs:
+                job.cancel()
+            await asyncio.gather(*jobs, return_exceptions=True)
+    return finished, deferred
+
+
+# --------------------------------------------------------------------------- assembly
+
+def _dedup_key(task: PairTask, rejected: str) -> str:
+    return hashlib.sha256("\x00".join([task.author, " ".join(task.prompt.split()), " ".join(task.chosen.split()),
+                                       " ".join(rejected.split())]).encode()).hexdigest()
+
+
+def assemble(plan: Plan, results: dict[str, dict[str, Any]], cfg: SynthConfig,
+             teacher_identity: dict[str, Any]) -> tuple[dict[str, list[dict[str, Any]]], dict[str, Any]]:
+    """Rows for every output file, and the statistics for the manifest. Pure."""
+    planned: dict[str, Counter] = defaultdict(Counter)
+    counts: dict[str, Counter] = defaultdict(Counter)
+    rejected_pairs: dict[str, Counter] = defaultdict(Counter)
+    failed_tries: dict[str, Counter] = defaultdict(Counter)
+    trace_outcomes: Counter = Counter()
+    seen: set[str] = set()
+    duplicates = 0
+    pairs: list[PairRecord] = []
+    by_id: dict[str, tuple[PairTask, dict[str, Any]]] = {}
+    for task in plan.tasks:
+        planned[task.split][task.negative_type] += 1
+        res = results[task.id]
+        failed_tries[task.negative_type].update(res["failed_tries"])
+        trace_outcomes.update(res.get("trace_outcomes", {}))
+        if res["rejected"] is None:
+            reason = max(res["failed_tries"].items(), key=lambda kv: (kv[1], kv[0]))[0] \
+                if res["failed_tries"] else "unknown"
+            rejected_pairs[task.negative_type][reason] += 1
+            continue
+        key = _dedup_key(task, res["rejected"])
+        if key in seen:
+            duplicates += 1
+            continue
+        seen.add(key)
+        extra = {"split": task.split, "work": task.work, "idx": task.idx,
+                 "exemplar_refs": list(task.exemplar_refs), "negative": res["negative"]}
+        pairs.append(PairRecord(task.id, task.author, list(task.exemplars), task.prompt, task.chosen,
+                                res["rejected"], task.negative_type, extra))
+        by_id[task.id] = (task, res)
+        counts[task.split][task.negative_type] += 1
+
+    files: dict[str, list[dict[str, Any]]] = {"pairs.jsonl": [p.to_json() for p in pairs]}
+    for split, name in (("train", "rl.jsonl"), ("validation", "rl_validation.jsonl")):
+        files[name] = [p.to_json() for p in pairs if p.extra["split"] == split]
+
+    use_teacher = teacher_identity.get("backend") != "offline"
+    trace_stats: dict[str, Any] = {"kind": "teacher" if use_teacher else "bootstrap", "splits": list(cfg.traces.splits)}
+    attempted = accepted = fallback = agree = 0
+    positions: Counter = Counter()
+    for split, name in (("train", "sft.jsonl"), ("validation", "sft_validation.jsonl")):
+        rows: list[dict[str, Any]] = []
+        if split in cfg.traces.splits:
+            eligible = [p for p in pairs if p.extra["split"] == split]
+            attempted += len(eligible)
+            chosen_traces: dict[str, dict[str, Any] | None] = {}
+            for p in eligible:
+                _, res = by_id[p.id]
+                traces = res.get("traces", {})
+                if use_teacher:
+                    ok = all(traces.get(pos) for pos in (["A", "B"] if cfg.traces.orders == "both"
+                                                         else [by_id[p.id][0].planned_position]))
+                    chosen_traces[p.id] = traces if ok else None
+                else:
+                    chosen_traces[p.id] = {}
+            keep = [p for p in eligible if chosen_traces[p.id] is not None
+                    or cfg.traces.fallback == "bootstrap"]
+            balanced = assign_positions([p.id for p in keep], cfg.seed)
+            for p, pos in zip(keep, balanced):
+                task = by_id[p.id][0]
+                traces = chosen_traces[p.id]
+                if use_teacher and traces is not None:
+                    if cfg.traces.orders == "one":
+                        pos = task.planned_position
+                    trace = traces[pos]
+                    accepted += 1
+                else:
+                    reasoning, scores, agrees = bootstrap_reasoning(p.exemplars, p.prompt, p.chosen, p.rejected, pos)
+                    trace = Trace(reasoning, pos, scores, "bootstrap:stylometry").to_json()
+                    agree += int(agrees)
+                    if use_teacher:
+                        fallback += 1
+                    else:
+                        accepted += 1
+                positions[pos] += 1
+                row = p.to_json()
+                row["trace"] = trace
+                rows.append(row)
+        files[name] = rows
+    trace_stats.update({
+        "pairs_attempted": attempted, "pairs_with_trace": accepted + fallback, "teacher_accepted": accepted
+        if use_teacher else 0, "bootstrap_fallback": fallback,
+        "acceptance_rate": round(accepted / attempted, 4) if attempted else None,
+        "positions": dict(sorted(positions.items())),
+    })
+    if use_teacher:
+        judgments = trace_outcomes.get("judgments", 0)
+        trace_stats["judgments"] = dict(sorted(trace_outcomes.items()))
+        trace_stats["judgment_acceptance_rate"] = (round(trace_outcomes.get("accepted", 0) / judgments, 4)
+                                                   if judgments else None)
+    if not use_teacher or fallback:
+        n_boot = fallback if use_teacher else accepted
+        trace_stats["bootstrap_stylometry_agreement"] = round(agree / n_boot, 4) if n_boot else None
+    stats = {
+        "planned": {s: dict(sorted(planned[s].items())) for s in SPLITS if planned[s]},
+        "counts": {s: dict(sorted(counts[s].items())) for s in SPLITS if counts[s]},
+        "rejected_pairs": {t: dict(sorted(c.items())) for t, c in sorted(rejected_pairs.items())},
+        "failed_tries": {t: dict(sorted(c.items())) for t, c in sorted(failed_tries.items()) if c},
+        "pair_duplicates_removed": duplicates,
+        "traces": trace_stats,
+    }
+    return files, stats
+
+
+def _sha256_file(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# --------------------------------------------------------------------------- the run
+
+def build_teacher(cfg: SynthConfig, work_dir: Path) -> Any:
+    from .teachers import CachedTeacher, OfflineTeacher, OpenAITeacher, ResponseCache, TransformersTeacher
+
+    t = cfg.teacher
+    if t.backend == "offline":
+        return OfflineTeacher()
+    if t.backend == "openai":
+        inner: Any = OpenAITeacher(base_url=t.base_url, model=t.model, api_key=os.environ.get(t.api_key_env),
+                                   concurrency=t.concurrency, timeout=t.timeout, retries=t.retries,
+                                   backoff=t.backoff)
+    else:
+        inner = TransformersTeacher(t.model, gguf_file=t.gguf_file, threads=t.threads)
+    if t.cache:
+        return CachedTeacher(inner, ResponseCache(str(work_dir / "teacher_cache.sqlite")))
+    return inner
+
+
+def load_input(cfg: SynthConfig) -> Corpus:
+    path = demo_corpus_path() if cfg.input == "demo" else cfg.input
+    return load_corpus(path)
+
+
+def run_synth(cfg: SynthConfig, *, teacher: Any = None) -> dict[str, Any]:
+    """Run (or resume) a synthesis; returns the manifest. Raises :class:`IncompleteRun` when
+    tasks were deferred because the teacher could not be reached (rerun to finish)."""
+    started = time.time()
+    out_dir = Path(cfg.output_dir)
+    work_dir = out_dir / WORK_DIR
+    work_dir.mkdir(parents=True, exist_ok=True)
+
+    corpus = load_input(cfg)
+    paragraphs = select_paragraphs(corpus.paragraphs, cfg)
+    plan = plan_tasks(paragraphs, cfg)
+    if not plan.tasks:
+        raise ValueError("no pair can be made from this input with these settings (see --corpus.* and "
+                         "--pairs.min_continuation_words); use more paragraphs per author")
+
+    signature = {"format": FORMAT, "config": content_config(cfg), "input_sha256": corpus.sha256,
+                 "code_version": code_version(), "tasks": len(plan.tasks)}
+    signature = json.loads(json.dumps(signature))  # compare as stored: tuples become lists
+    sig_path = work_dir / "signature.json"
+    if sig_path.exists():
+        previous = json.loads(sig_path.read_text(encoding="utf-8"))
+        if previous != signature:
+            changed = sorted(k for k in signature if previous.get(k) != signature[k])
+            raise ValueError(f"--output_dir={cfg.output_dir!r} holds a run with different {', '.join(changed)}; "
+                             "rerun with the same settings to resume, or choose a new --output_dir")
+    else:
+        write_jsonl_text(sig_path, json.dumps(signature, indent=2, sort_keys=True))
+
+    if "minor_replacement" in cfg.pairs.negative_types:
+        from .lexicon import find_wordnet_dir, load_wordnet
+        wordnet = load_wordnet(find_wordnet_dir(cfg.pairs.wordnet_dir))
+    else:
+        wordnet = None
+    own_teacher = teacher is None
+    if teacher is None:
+        teacher = build_teacher(cfg, work_dir)
+    log = WorkLog(work_dir / "results.jsonl")
+    done = log.load()
+    todo = [t for t in plan.tasks if t.id not in done]
+    ctx = Context(cfg, plan, teacher, wordnet)
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(plan.tasks), initial=len(plan.tasks) - len(todo), desc="synth", unit="pair",
+               disable=not cfg.progress, dynamic_ncols=True)
+    try:
+        finished, deferred = asyncio.run(_run_and_close(todo, ctx, log, bar, own_teacher))
+    finally:
+        bar.close()
+    elapsed = time.time() - started
+    run_stats = {"elapsed_s": round(elapsed, 2), "tasks_total": len(plan.tasks),
+                 "tasks_done_before": len(plan.tasks) - len(todo), "tasks_finished_now": finished,
+                 "tasks_deferred": deferred, "teacher_stats": dict(teacher.stats)}
+    with open(work_dir / "run_stats.jsonl", "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(run_stats) + "\n")
+    if deferred:
+        raise IncompleteRun(f"{deferred} of {len(plan.tasks)} tasks could not reach the teacher after retries; "
+                            "rerun the same command to finish them (finished work is kept)")
+
+    results = log.load()
+    files, stats = assemble(plan, results, cfg, teacher.identity)
+    for name, rows in files.items():
+        if name in ("pairs.jsonl", "rl.jsonl", "rl_validation.jsonl", "sft.jsonl", "sft_validation.jsonl"):
+            write_pairs(out_dir / name, rows)
+    manifest = {
+        "format": FORMAT,
+        "config": content_config(cfg),
+        "input": {"path": cfg.input, "sha256": corpus.sha256, "schema": corpus.schema, "lines": corpus.lines,
+                  "paragraphs": len(corpus.paragraphs), "corpus_duplicates_dropped": corpus.duplicates_dropped,
+                  "paragraphs_used": len(paragraphs), "authors_used": len({p.author for p in paragraphs})},
+        "code_version": code_version(),
+        "teacher": teacher.identity,
+        "splits": _split_summary(plan),
+        "planning_skipped": dict(sorted(plan.skipped.items())),
+        **stats,
+        "outputs": {name: {"rows": len(rows), "sha256": _sha256_file(out_dir / name)}
+                    for name, rows in files.items()},
+    }
+    write_jsonl_text(out_dir / "manifest.json", json.dumps(manifest, indent=2, sort_keys=True, ensure_ascii=False))
+    logger.info("synth: %d pairs, %d sft rows in %.1fs -> %s", len(files["pairs.jsonl"]),
+                len(files["sft.jsonl"]), elapsed, out_dir)
+    return manifest
+
+
+async def _run_and_close(todo, ctx, log, bar, own_teacher: bool):
+    try:
+        return await _generate(todo, ctx, log, bar)
+    finally:
+        if own_teacher:
+            await ctx.teacher.aclose()
+
+
+def _split_summary(plan: Plan) -> dict[str, Any]:
+    by_uid = {p.uid: p for p in plan.paragraphs}
+    out: dict[str, Any] = {}
+    for split in SPLITS:
+        members = [by_uid[u] for u in plan.splits.members(split)]
+        if not members:
+            continue
+        out[split] = {"authors": len({p.author for p in members}), "paragraphs": len(members),
+                      "exemplar_only": sum(p.uid in plan.splits.exemplar_only for p in members)}
+    out["unseen_authors"] = list(plan.splits.unseen_authors)
+    out["unseen_works"] = dict(sorted(plan.splits.unseen_works.items()))
+    return out
+
+
+def write_jsonl_text(path: Path, text: str) -> None:
+    """Write a small text file atomically (temp file + rename)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text + "\n", encoding="utf-8")
+    os.replace(tmp, path)
