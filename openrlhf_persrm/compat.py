@@ -191,15 +191,68 @@ def apply_cpu_shims() -> None:
     install_flash_attn_stub()
     import torch
 
-    def _noop(*args, **kwargs):
+    # One function object per shim: torch._dynamo keeps a rule per torch.cuda function and
+    # refuses one object registered under two names.
+    def set_device(*args, **kwargs):
         return None
 
-    torch.cuda.set_device = _noop
-    torch.cuda.synchronize = _noop
-    torch.cuda.empty_cache = _noop
-    torch.cuda.current_device = lambda: "cpu"
-    torch.cuda.current_stream = lambda *a, **k: None
+    def synchronize(*args, **kwargs):
+        return None
+
+    def empty_cache(*args, **kwargs):
+        return None
+
+    def current_device():
+        return "cpu"
+
+    def current_stream(*args, **kwargs):
+        return None
+
+    torch.cuda.set_device = set_device
+    torch.cuda.synchronize = synchronize
+    torch.cuda.empty_cache = empty_cache
+    torch.cuda.current_device = current_device
+    torch.cuda.current_stream = current_stream
     _SHIMS_APPLIED = True
+
+
+_PPO_PATCHED = False
+
+
+def patch_openrlhf_for_cpu() -> None:
+    """Where OpenRLHF 0.11.2's PPO code builds CUDA devices, make it build CPU ones. Idempotent.
+
+    * ``trainer/ppo_utils/replay_buffer.py``: ``NaiveReplayBuffer.__init__`` sets
+      ``target_device = torch.device(f"cuda:{torch.cuda.current_device()}")``;
+    * ``utils/deepspeed/deepspeed.py``: ``init_device_mesh("cuda", ...)`` (bound by name at import).
+    """
+    global _PPO_PATCHED
+    if _PPO_PATCHED:
+        return
+    apply_cpu_shims()
+    import torch
+    from openrlhf.trainer.ppo_utils import replay_buffer
+    from openrlhf.utils.deepspeed import deepspeed as ds_module
+
+    original_init = replay_buffer.NaiveReplayBuffer.__init__
+
+    def init_on_cpu(self, *args, **kwargs):
+        current = torch.cuda.current_device
+        torch.cuda.current_device = lambda: 0  # "cuda:0" is a valid device *name* without CUDA
+        try:
+            original_init(self, *args, **kwargs)
+        finally:
+            torch.cuda.current_device = current
+        self.target_device = torch.device("cpu")
+
+    replay_buffer.NaiveReplayBuffer.__init__ = init_on_cpu
+    original_mesh = ds_module.init_device_mesh
+
+    def mesh_on_cpu(device_type, *args, **kwargs):
+        return original_mesh("cpu" if device_type == "cuda" else device_type, *args, **kwargs)
+
+    ds_module.init_device_mesh = mesh_on_cpu
+    _PPO_PATCHED = True
 
 
 def ensure_single_process_env() -> None:

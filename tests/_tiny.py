@@ -67,6 +67,7 @@ def tiny_causal_lm(
     num_heads: int = 4,
     initializer_range: float = 0.2,
     seed: int = 0,
+    max_position_embeddings: int = 1024,
 ) -> str:
     """Save a random ``LlamaForCausalLM`` and its tokenizer under ``tmpdir``; return the path.
 
@@ -88,7 +89,7 @@ def tiny_causal_lm(
         num_hidden_layers=num_layers,
         num_attention_heads=num_heads,
         num_key_value_heads=max(1, num_heads // 2),
-        max_position_embeddings=1024,
+        max_position_embeddings=max_position_embeddings,
         initializer_range=initializer_range,
         tie_word_embeddings=False,
         bos_token_id=tokenizer.bos_token_id,
@@ -107,4 +108,59 @@ def tiny_causal_lm(
     )
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def param_digests(model_path: str) -> dict[str, str]:
+    """sha256 of every parameter as float32 bytes, as the CPU engine records them."""
+    import hashlib
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    return {n: hashlib.sha256(p.detach().float().contiguous().numpy().tobytes()).hexdigest()
+            for n, p in model.named_parameters()}
+
+
+def tiny_judge_lm(tmpdir: str | Path, prompts: list[list[dict]], *, steps: int = 100, seed: int = 0) -> str:
+    """A tiny model taught (teacher forcing, plain torch) to answer judge prompts in the judge format.
+
+    Its targets mix both verdicts (``[8, 3]`` and ``[3, 8]``) so sampled judgments vary and a
+    GRPO group gets rewards with non-zero spread, as a real SFT'd judge would. Deterministic.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base = tiny_causal_lm(tmpdir, seed=seed, max_position_embeddings=4096, initializer_range=0.02)
+    path = Path(tmpdir) / f"tiny-judge-s{seed}-n{steps}"
+    if (path / "config.json").exists():
+        return str(path)
+    tok = AutoTokenizer.from_pretrained(base)
+    tok.eos_token = "<|im_end|>"  # end of the assistant turn ends generation, as in chat models
+    targets = ["<think>x</think><answer>[8, 3]</answer>", "<think>x</think><answer>[3, 8]</answer>"]
+    rows = []
+    for i, messages in enumerate(prompts):
+        p = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        p_ids = tok(p, add_special_tokens=False)["input_ids"]
+        t_ids = tok(targets[i % 2] + tok.eos_token, add_special_tokens=False)["input_ids"]
+        rows.append((p_ids, t_ids))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+        opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+        model.train()
+        for step in range(steps):
+            p_ids, t_ids = rows[step % len(rows)]
+            ids = torch.tensor([p_ids + t_ids])
+            labels = torch.full_like(ids, -100)
+            labels[0, len(p_ids):] = ids[0, len(p_ids):]
+            loss = model(input_ids=ids, labels=labels).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    model.config.eos_token_id = tok.eos_token_id
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
     return str(path)

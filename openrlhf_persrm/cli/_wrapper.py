@@ -172,6 +172,16 @@ def convert_datasets(plugin_name: str, config: dict[str, Any], stage: str, ns: d
         argv.set(flag, value)
 
 
+def check_reparse(parser: argparse.ArgumentParser, argv: Argv) -> dict[str, Any]:
+    """Re-parse the edited argv with OpenRLHF's parser: our edits must read back as we meant them."""
+    final = namespace_dict(parser, argv.tokens)
+    for flag, value in argv.changed.items():
+        got = final[flag.lstrip("-")]
+        if got != value and str(got) != str(value):
+            raise WrapperError(f"{flag}: OpenRLHF's parser read {got!r}, expected {value!r}")
+    return final
+
+
 def namespace_dict(parser: argparse.ArgumentParser, tokens: Sequence[str]) -> dict[str, Any]:
     return vars(parser.parse_args(list(tokens)))
 

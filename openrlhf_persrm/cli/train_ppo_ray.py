@@ -20,10 +20,11 @@ import importlib.util
 import json
 import os
 import sys
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Any, Sequence
 
-from ._wrapper import (Argv, WrapperError, convert_datasets, load_json_config, logger, namespace_dict,
-                       plugin_parser, print_help, setup_logging)
+from ._wrapper import (Argv, WrapperError, check_reparse, convert_datasets, load_json_config, logger,
+                       namespace_dict, plugin_parser, print_help, setup_logging)
 
 LAUNCHER = "train_ppo_ray"
 
@@ -35,8 +36,18 @@ def reward_entry_file() -> str:
     return spec.origin
 
 
-def prepare(argv: Sequence[str]) -> tuple[list[str], dict[str, str], bool]:
-    """Translate plugin flags: OpenRLHF's argv, env vars for every worker, and whether to run on CPU."""
+@dataclass
+class Prepared:
+    """OpenRLHF's argv, env vars for every worker, whether to run on CPU, and the parsed flags."""
+
+    tokens: list[str]
+    env: dict[str, str]
+    cpu: bool
+    ns: dict[str, Any]
+
+
+def prepare(argv: Sequence[str]) -> Prepared:
+    """Translate plugin flags into OpenRLHF flags and worker env vars; check CPU-mode limits."""
     from .. import compat
 
     ours, rest = plugin_parser(LAUNCHER, reward=True).parse_known_args(list(argv))
@@ -73,12 +84,12 @@ def prepare(argv: Sequence[str]) -> tuple[list[str], dict[str, str], bool]:
     elif ours.reward_plugin_config:
         raise WrapperError("--reward_plugin_config needs --reward_plugin")
 
-    final = namespace_dict(parser, out.tokens)
-    for flag, value in out.changed.items():
-        got = final[flag.lstrip("-")]
-        if got != value and str(got) != str(value):
-            raise WrapperError(f"{flag}: OpenRLHF's parser read {got!r}, expected {value!r}")
-    return out.tokens, env, cpu
+    if cpu:
+        from ..cpu.mode import check_flags
+
+        check_flags(ns, out)
+    final = check_reparse(parser, out)
+    return Prepared(out.tokens, env, cpu, final)
 
 
 def init_ray(env: dict[str, str], **ray_kwargs) -> None:
@@ -108,17 +119,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .. import compat
 
     try:
-        tokens, env, cpu = prepare(argv)
+        prep = prepare(argv)
     except (WrapperError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    os.environ.update(env)
-    if cpu:
+    os.environ.update(prep.env)
+    if prep.cpu:
         from ..cpu import mode as cpu_mode
 
-        return cpu_mode.run_ppo(tokens, env)
-    init_ray(env)
-    compat.run_launcher(LAUNCHER, tokens)
+        return cpu_mode.run_ppo(prep.tokens, prep.env, prep.ns)
+    init_ray(prep.env)
+    compat.run_launcher(LAUNCHER, prep.tokens)
     return 0
 
 

@@ -17,8 +17,8 @@ import os
 import sys
 from typing import Sequence
 
-from ._wrapper import (Argv, WrapperError, convert_datasets, load_json_config, logger, namespace_dict,
-                       plugin_parser, print_help, setup_logging)
+from ._wrapper import (Argv, WrapperError, check_reparse, convert_datasets, load_json_config, logger,
+                       namespace_dict, plugin_parser, print_help, setup_logging)
 
 LAUNCHER = "train_sft"
 
@@ -42,18 +42,10 @@ def prepare(argv: Sequence[str]) -> tuple[list[str], bool]:
     elif ours.dataset_plugin_config:
         raise WrapperError("--dataset_plugin_config needs --dataset_plugin")
     if cpu:
-        attn = ns.get("ds.attn_implementation")
-        if out.given("--ds.attn_implementation") and "flash" in str(attn):
-            raise WrapperError(f"--ds.attn_implementation {attn} needs a GPU; use sdpa or eager with --cpu")
-        if not out.given("--ds.attn_implementation"):
-            out.set("--ds.attn_implementation", "sdpa")
-        if ns.get("ds.packing_samples"):
-            raise WrapperError("--ds.packing_samples needs flash-attention on a GPU; drop it with --cpu")
-    # Re-parse with OpenRLHF's parser: our edits must still be valid flags with the values we meant.
-    final = namespace_dict(parser, out.tokens)
-    for flag, value in out.changed.items():
-        if final[flag.lstrip("-")] != value and str(final[flag.lstrip("-")]) != str(value):
-            raise WrapperError(f"{flag}: OpenRLHF's parser read {final[flag.lstrip('-')]!r}, expected {value!r}")
+        from ..cpu.mode import cpu_attention
+
+        cpu_attention(ns, out)
+    check_reparse(parser, out)
     return out.tokens, cpu
 
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import importlib.machinery
 import logging
+import os
 import pickle
 import sys
 import types
@@ -44,6 +45,9 @@ logger = logging.getLogger(__name__)
 #: Reported as ``vllm.__version__``: the release OpenRLHF 0.11.2 pins (``openrlhf[vllm]``), so
 #: every version gate in OpenRLHF takes its modern-vLLM branch. The local label marks the fake.
 VLLM_VERSION = "0.29.0+cpu.standin"
+
+#: Set to a folder to have each engine record sha256 digests of the weights it receives.
+ENV_DIGEST_DIR = "PERSRM_CPU_ENGINE_DIGEST_DIR"
 
 #: The only logprob modes that map onto a transformers forward pass (vLLM also has *_logits).
 LOGPROBS_MODES = ("raw_logprobs", "processed_logprobs")
@@ -439,6 +443,7 @@ class _CpuWorker:
     def __init__(self, engine: Any) -> None:
         self.engine = engine
         self.model_update_group: PyNcclCommunicator | None = None
+        self._digests: dict[str, str] = {}
 
     def init_process_group(
         self,
@@ -469,6 +474,26 @@ class _CpuWorker:
         buffer = torch.empty(tuple(shape), dtype=dtype)
         self.model_update_group.broadcast(buffer, src=0)
         self.engine.load_weights([(name, buffer)])
+        if os.environ.get(ENV_DIGEST_DIR):
+            self._record_digest(name, buffer)
+
+    def _record_digest(self, name: str, tensor: Any) -> None:
+        """Write what the engine now holds (sha256 per parameter) for tests to compare with checkpoints.
+
+        Enabled by ``PERSRM_CPU_ENGINE_DIGEST_DIR``; one JSON file per engine process, rewritten
+        atomically after every received parameter, so the file left at the end describes the
+        weights after the last sync.
+        """
+        import hashlib
+        import json
+
+        self._digests[name] = hashlib.sha256(tensor.detach().float().contiguous().numpy().tobytes()).hexdigest()
+        out_dir = os.environ[ENV_DIGEST_DIR]
+        os.makedirs(out_dir, exist_ok=True)
+        path = os.path.join(out_dir, f"engine-{os.getpid()}.json")
+        with open(path + ".tmp", "w") as fh:
+            json.dump(self._digests, fh)
+        os.replace(path + ".tmp", path)
 
     def update_weight_cuda_ipc(self, *_: Any, **__: Any) -> None:
         raise ValueError(

@@ -1,0 +1,69 @@
+"""The ``persrm`` command: ``persrm demo``, ``persrm synth``, ...
+
+Each subcommand is a thin launcher: it parses flags into the component's config
+dataclass and calls the library function.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from dataclasses import fields
+from typing import Sequence
+
+
+def _add_dataclass_flags(parser: argparse.ArgumentParser, cls, helps: dict[str, str]) -> None:
+    for f in fields(cls):
+        default = f.default
+        parser.add_argument(f"--{f.name}", type=type(default) if default is not None else str, default=default,
+                            help=f"{helps.get(f.name, '')} (default: %(default)s)")
+
+
+DEMO_HELP = {
+    "pairs": "pair JSONL to judge (default: the shipped demo pairs)",
+    "model": "judge model: a local checkpoint or smollm2-135m-instruct",
+    "limit": "judge at most this many pairs",
+    "max_prompt_tokens": "token budget of a judge prompt (exemplars are dropped/trimmed to fit)",
+    "max_new_tokens": "tokens the judge may write",
+    "batch_size": "prompts generated together",
+    "seed": "seed of the balanced A/B assignment",
+    "out": "folder for judgments.jsonl and summary.json",
+}
+
+
+def make_parser() -> argparse.ArgumentParser:
+    from ..demo import DemoConfig
+
+    parser = argparse.ArgumentParser(prog="persrm", description="PersRM-R1 personalised reward models for OpenRLHF")
+    sub = parser.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("demo", help="judge the shipped demo pairs with SmolLM2 zero-shot")
+    _add_dataclass_flags(demo, DemoConfig, DEMO_HELP)
+    sub.add_parser("synth", help="synthesise PersRM pairs and traces from a corpus (see persrm synth --help)",
+                   add_help=False)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="[persrm] %(message)s")
+    if argv and argv[0] == "synth":
+        from data_synth.cli import main as synth_main
+
+        return synth_main(argv[1:])
+    args = make_parser().parse_args(argv)
+    if args.command == "demo":
+        from ..demo import DemoConfig, run_demo
+
+        try:
+            cfg = DemoConfig(**{k: v for k, v in vars(args).items() if k != "command"})
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        run_demo(cfg)
+        return 0
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
