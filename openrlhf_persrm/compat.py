@@ -18,9 +18,11 @@ under ``if __name__ == "__main__":``. To extend it without copying it, this modu
 from __future__ import annotations
 
 import argparse
+import ast
 import contextlib
 import logging
 import os
+import re
 import runpy
 import sys
 import types
@@ -141,6 +143,23 @@ def run_launcher(launcher: str, argv: Sequence[str]) -> None:
     logger.info("running %s %s", module, " ".join(argv))
     with _argv([module, *argv]):
         runpy.run_module(module, run_name="__main__", alter_sys=True)
+
+
+_STEP_LOG = re.compile(r"Global step (\d+): (\{.*?\})\s*$", re.MULTILINE)
+
+
+def parse_step_logs(text: str) -> dict[int, dict[str, float]]:
+    """The per-step metrics ``train_ppo_ray`` prints (``ppo_trainer.py``: "Global step N: {...}").
+
+    Includes the reward plugin's ``extra_logs`` (OpenRLHF averages each key over the step).
+    """
+    out: dict[int, dict[str, float]] = {}
+    for m in _STEP_LOG.finditer(text):
+        try:
+            out[int(m.group(1))] = ast.literal_eval(m.group(2))
+        except (ValueError, SyntaxError):
+            continue
+    return out
 
 
 # --------------------------------------------------------------------------- CPU

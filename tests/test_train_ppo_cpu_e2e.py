@@ -1,17 +1,18 @@
 """Stage 2 end to end on CPU: OpenRLHF's unmodified train_ppo_ray (GRPO) through the wrapper,
 with the persrm_rule reward and persrm_rl rows, rollouts in the CPU vLLM stand-in."""
 
-import ast
 import json
 import os
-import re
+import signal
 import subprocess
+import time
 import sys
 
 import psutil
 import pytest
 from conftest import REPO, make_pair, write_rows
 
+from openrlhf_persrm.compat import parse_step_logs
 from openrlhf_persrm.judge_format import arrange, build_messages
 
 
@@ -65,8 +66,7 @@ def test_grpo_two_steps_on_cpu(tmp_path, tiny_judge):
     assert proc.returncode == 0, log[-6000:]
 
     # Per-step reward and the reward plugin's extra logs, as OpenRLHF logs them.
-    steps = {int(m.group(1)): ast.literal_eval(m.group(2))
-             for m in re.finditer(r"Global step (\d+): (\{.*?\})\n", log)}
+    steps = parse_step_logs(log)
     assert sorted(steps) == [1, 2], log[-3000:]
     for logs in steps.values():
         for key in ("reward", "accuracy", "format_ok", "margin", "plugin_error"):
@@ -83,4 +83,46 @@ def test_grpo_two_steps_on_cpu(tmp_path, tiny_judge):
     assert {n: engine[n] for n in saved} == saved
 
     # Nothing left running: Ray and its workers are gone.
+    assert _ray_processes("persrm-ray-") == []
+
+
+def _wait_for(proc, marker, timeout):
+    """Read the child's output until ``marker`` appears; returns what was read."""
+    seen, deadline = "", time.time() + timeout
+    while time.time() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        seen += line
+        if marker in line:
+            return seen
+    return seen
+
+
+@pytest.mark.slow
+def test_processes_are_gone_after_an_error_and_after_ctrl_c(tmp_path, tiny_model):
+    # Raw pair rows without --dataset_plugin: OpenRLHF fails inside a Ray actor (no 'input' key).
+    pairs = write_rows(tmp_path / "pairs.jsonl", [make_pair(i) for i in range(2)])
+    base = [sys.executable, "-m", "openrlhf_persrm.cli.train_ppo_ray", "--cpu", "--reward_plugin", "persrm_rule",
+            "--data.prompt_dataset", str(pairs), "--actor.model_name_or_path", tiny_model,
+            "--algo.advantage.estimator", "group_norm", "--rollout.n_samples_per_prompt", "2",
+            "--rollout.batch_size", "2", "--train.batch_size", "4", "--train.micro_batch_size", "2",
+            "--rollout.micro_batch_size", "2", "--rollout.max_new_tokens", "8", "--vllm.num_engines", "1",
+            "--algo.kl.init_coef", "0", "--ckpt.output_dir", str(tmp_path / "ckpt")]
+    proc = subprocess.run(base, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode != 0
+    assert _ray_processes("persrm-ray-") == []
+
+    # Ctrl-C while OpenRLHF is running: the wrapper shuts Ray down and exits 130.
+    child = subprocess.Popen(base, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
+    try:
+        seen = _wait_for(child, "CPU mode: local Ray", timeout=300)
+        assert "CPU mode: local Ray" in seen, seen[-3000:]
+        time.sleep(8)  # let Ray start its workers
+        child.send_signal(signal.SIGINT)
+        child.communicate(timeout=300)
+    finally:
+        if child.poll() is None:
+            child.kill()
+    assert child.returncode in (1, 130)
     assert _ray_processes("persrm-ray-") == []
