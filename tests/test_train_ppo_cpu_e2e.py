@@ -13,23 +13,6 @@ import pytest
 from conftest import REPO, make_pair, write_rows
 
 from openrlhf_persrm.compat import parse_step_logs
-from openrlhf_persrm.judge_format import arrange, build_messages
-
-
-def _judge_prompts(n_pairs):
-    out = []
-    for i in range(n_pairs):
-        p = make_pair(i)
-        for pos in ("A", "B"):
-            out.append(build_messages(p["exemplars"], p["prompt"], *arrange(p["chosen"], p["rejected"], pos)))
-    return out
-
-
-@pytest.fixture(scope="session")
-def tiny_judge(tmp_path_factory):
-    from _tiny import tiny_judge_lm
-
-    return tiny_judge_lm(tmp_path_factory.mktemp("judge"), _judge_prompts(4))
 
 
 def _ray_processes(marker):

@@ -113,3 +113,19 @@ def test_cpu_mode_defaults():
     assert _flag(prep.tokens, "--vllm.sync_backend") == "gloo"
     kept = train_ppo_ray.prepare(["--cpu", "--actor.num_gpus_per_node", "2"] + CPU)
     assert _flag(kept.tokens, "--actor.num_gpus_per_node") == "2"
+
+
+def test_persrm_served_reward_points_openrlhf_at_the_server(tmp_path, monkeypatch):
+    prep = train_ppo_ray.prepare(CPU + ["--reward_plugin", "persrm", "--reward_plugin_config",
+                                        '{"serve_url": "http://127.0.0.1:5000/, http://127.0.0.1:5001"}'])
+    assert _flag(prep.tokens, "--reward.remote_url") == \
+        "http://127.0.0.1:5000/get_reward,http://127.0.0.1:5001/get_reward"
+    assert prep.env == {}  # nothing to load in the rollout actors
+
+
+def test_judge_api_key_reaches_the_workers(monkeypatch):
+    monkeypatch.setenv("PERSRM_JUDGE_API_KEY", "sk-test")
+    prep = train_ppo_ray.prepare(CPU + ["--reward_plugin", "persrm", "--reward_plugin_config",
+                                        '{"endpoint": "http://127.0.0.1:8000"}'])
+    assert prep.env["PERSRM_JUDGE_API_KEY"] == "sk-test"
+    assert _flag(prep.tokens, "--reward.remote_url") == train_ppo_ray.reward_entry_file()

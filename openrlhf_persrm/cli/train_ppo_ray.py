@@ -78,9 +78,19 @@ def prepare(argv: Sequence[str]) -> Prepared:
         from ..registry import instantiate, reward_plugins
 
         instantiate(reward_plugins, ours.reward_plugin, config)  # fail here, not inside a Ray actor
-        out.set("--reward.remote_url", reward_entry_file())
-        env["PERSRM_REWARD_PLUGIN"] = ours.reward_plugin
-        env["PERSRM_REWARD_CONFIG"] = json.dumps(config)
+        remote = getattr(reward_plugins.resolve(ours.reward_plugin), "remote_reward_urls", None)
+        urls = remote(config) if remote is not None else None
+        if urls:  # the plugin is served (e.g. `persrm serve`): OpenRLHF's own HTTP client calls it
+            out.set("--reward.remote_url", ",".join(urls))
+            logger.info("reward plugin %s is served at %s", ours.reward_plugin, ", ".join(urls))
+        else:
+            out.set("--reward.remote_url", reward_entry_file())
+            env["PERSRM_REWARD_PLUGIN"] = ours.reward_plugin
+            env["PERSRM_REWARD_CONFIG"] = json.dumps(config)
+            # A judge's API key lives in the driver's environment; the rollout actors need it too.
+            key_env = config.get("api_key_env", "PERSRM_JUDGE_API_KEY")
+            if isinstance(key_env, str) and key_env in os.environ:
+                env[key_env] = os.environ[key_env]
     elif ours.reward_plugin_config:
         raise WrapperError("--reward_plugin_config needs --reward_plugin")
 

@@ -104,6 +104,10 @@ class BatchedEngine:
         logprobs_mode: ``raw_logprobs`` or ``processed_logprobs`` (see the module docstring).
         admission_window_s: when idle, wait this long after a request arrives so that a burst of
             concurrent requests is prefilled as one batch rather than one step apart.
+        share_prefix_min_tokens: when the prompts prefilled together share a token prefix at least
+            this long, it is computed once and its KV cache reused by every row (what vLLM's prefix
+            caching saves within a batch). 0 (the default) turns this off. Useful for judges, whose
+            prompts all start with one system prompt and one person's exemplars.
     """
 
     def __init__(
@@ -116,6 +120,7 @@ class BatchedEngine:
         max_model_len: int | None = None,
         logprobs_mode: str = "raw_logprobs",
         admission_window_s: float = 0.005,
+        share_prefix_min_tokens: int = 0,
     ) -> None:
         if logprobs_mode not in LOGPROBS_MODES:
             raise ValueError(f"logprobs_mode={logprobs_mode!r}; use one of {LOGPROBS_MODES}")
@@ -127,6 +132,7 @@ class BatchedEngine:
         self.max_model_len = max_model_len or int(getattr(model.config, "max_position_embeddings", 1 << 30))
         self.logprobs_mode = logprobs_mode
         self.admission_window_s = admission_window_s
+        self.share_prefix_min_tokens = share_prefix_min_tokens
         self.eos_token_ids = _eos_token_ids(model, tokenizer)
         # remove_duplicate=False: a tied lm_head stays addressable under both names.
         self._params = dict(model.named_parameters(remove_duplicate=False))
@@ -346,12 +352,24 @@ class BatchedEngine:
         for row in rows:
             distinct.setdefault(tuple(row.request.prompt_token_ids), len(distinct))
         prompts = list(distinct)
-        width = max(len(p) for p in prompts)
-        pad_id = 0  # masked out; any valid id works
-        input_ids = torch.tensor([[pad_id] * (width - len(p)) + list(p) for p in prompts])
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache(config=self.model.config)
+        shared = self._shared_prefix(prompts)
+        if shared:
+            # Prefill the common prefix once, give every prompt a copy of its cache, then prefill
+            # the (left-padded) suffixes after it: the mask keeps padding in the middle of a row.
+            prefix = torch.tensor([prompts[0][:shared]])
+            self._forward(prefix, torch.ones_like(prefix), torch.arange(shared)[None], cache)
+            _select_cache_rows(cache, torch.zeros(len(prompts), dtype=torch.long))
+            prompts_left = [p[shared:] for p in prompts]
+        else:
+            prompts_left = prompts
+        width = max(len(p) for p in prompts_left)
+        pad_id = 0  # masked out; any valid id works
+        input_ids = torch.tensor([[pad_id] * (width - len(p)) + list(p) for p in prompts_left])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts_left])
+        positions = shared + (mask.cumsum(-1) - 1).clamp(min=0)
+        if shared:
+            mask = torch.cat([torch.ones(len(prompts), shared, dtype=mask.dtype), mask], dim=1)
         logits = self._forward(input_ids, mask, positions, cache)
         expand = torch.tensor([distinct[tuple(row.request.prompt_token_ids)] for row in rows])
         if len(prompts) != len(rows) or not torch.equal(expand, torch.arange(len(rows))):
@@ -359,6 +377,16 @@ class BatchedEngine:
             logits, mask = logits[expand], mask[expand]
         next_positions = torch.tensor([len(row.request.prompt_token_ids) for row in rows])
         return {"logits": logits, "cache": cache, "attention_mask": mask, "next_positions": next_positions}
+
+    def _shared_prefix(self, prompts: list[tuple[int, ...]]) -> int:
+        """Tokens all ``prompts`` share at the start (each keeps at least one of its own), if worth it."""
+        if self.share_prefix_min_tokens <= 0 or len(prompts) < 2:
+            return 0
+        first, limit = prompts[0], min(len(p) for p in prompts) - 1
+        n = 0
+        while n < limit and all(p[n] == first[n] for p in prompts):
+            n += 1
+        return n if n >= self.share_prefix_min_tokens else 0
 
     def _merge(self, batch: _Batch, rows: list[_Row], cache: Any, attention_mask, next_positions) -> None:
         """Append prefilled ``rows`` to the running batch (left-padding the shorter cache)."""

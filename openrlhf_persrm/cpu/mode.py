@@ -114,6 +114,8 @@ def run_ppo(tokens: Sequence[str], env: dict[str, str], ns: dict[str, Any]) -> i
         ENV_CPU_MODE: "1",
         "DS_ACCELERATOR": "cpu",
         "TOKENIZERS_PARALLELISM": "false",
+        # Busy-waiting OpenMP threads of several processes on a few cores slow each other 10x.
+        "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
         "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR",
                                                os.path.abspath(os.path.join(".cache", "torch_extensions"))),
     })

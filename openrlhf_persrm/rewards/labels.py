@@ -10,6 +10,18 @@ class LabelError(ValueError):
     """A row's label does not say where the real text was shown."""
 
 
+def label_object(label: Any, expected: str) -> dict[str, Any]:
+    """A label as a dict: a dict as is, or the JSON object in a string; else :class:`LabelError`."""
+    if isinstance(label, str):
+        try:
+            label = json.loads(label)
+        except json.JSONDecodeError:
+            raise LabelError(f"label {label[:60]!r} is not a JSON object") from None
+    if not isinstance(label, dict):
+        raise LabelError(f"label must be a dict with {expected}, got {type(label).__name__}")
+    return label
+
+
 def parse_label(label: Any) -> dict[str, Any]:
     """Normalise a reward label to a dict with ``chosen_position`` in {'A', 'B'}.
 
@@ -21,16 +33,9 @@ def parse_label(label: Any) -> dict[str, Any]:
     >>> parse_label("A")
     {'chosen_position': 'A'}
     """
-    if isinstance(label, str):
-        text = label.strip()
-        if text in ("A", "B"):
-            return {"chosen_position": text}
-        try:
-            label = json.loads(text)
-        except json.JSONDecodeError:
-            raise LabelError(f"label {text[:60]!r} is neither 'A'/'B' nor a JSON object") from None
-    if not isinstance(label, dict):
-        raise LabelError(f"label must be a dict with 'chosen_position', got {type(label).__name__}")
+    if isinstance(label, str) and label.strip() in ("A", "B"):
+        return {"chosen_position": label.strip()}
+    label = label_object(label, "'chosen_position'")
     pos = label.get("chosen_position")
     if pos not in ("A", "B"):
         raise LabelError(f"label field 'chosen_position' must be 'A' or 'B', got {pos!r}")

