@@ -1,0 +1,324 @@
+"""Judges for ``persrm eval``: the :class:`Judge` protocol, three baselines and the model judge.
+
+A judge looks at pair records with the real text shown at a given position ('A' or 'B')
+and returns, for each, ``(score_A, score_B)`` or a :class:`JudgeFailure`. The protocol is
+batched because a model judge generates many prompts at once; the baselines score one
+pair at a time (:class:`PairwiseJudge`).
+
+Baselines (all deterministic):
+
+* ``random``: a seeded coin per (seed, pair id, position): scores (1, 0) or (0, 1).
+* ``length``: prefers the candidate whose length in characters (whitespace runs
+  collapsed to one space) is closest to the mean length of the pair's exemplars; the
+  score is minus that distance, so equal distances tie.
+* ``stylometry``: the classic authorship baseline. Each text becomes a profile of
+  character n-grams (default 3-grams, lower-cased, whitespace collapsed); the exemplars
+  are pooled into one profile; each candidate is scored by the cosine similarity of its
+  profile with the exemplars'. With ``weighting="tfidf"`` (the default) n-gram
+  frequencies are weighted by a smoothed inverse document frequency fitted, per batch,
+  on the distinct exemplar texts being judged (no labels are used), which down-weights
+  n-grams every writer uses.
+
+The ``model`` judge renders the judge format (:mod:`openrlhf_persrm.judge_format`) and
+reads outputs with the strict parser; an unreadable output is a :class:`JudgeFailure`
+named after its :class:`~openrlhf_persrm.judge_format.FailureKind`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol, Sequence, runtime_checkable
+
+from ..judge_format import ExemplarBudget, Judgment, PromptTooLong, arrange, build_messages, parse_judgment
+from ..pairs import PairRecord
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class JudgeFailure:
+    """No readable scores for one judgment; ``kind`` is a short machine-readable reason."""
+
+    kind: str
+    detail: str = ""
+
+
+Scores = tuple[float, float]
+Outcome = Scores | JudgeFailure
+
+
+@runtime_checkable
+class Judge(Protocol):
+    """Scores pair records with the real text shown at the given positions.
+
+    ``judge(records, positions)`` returns one outcome per record: ``(score_A, score_B)``
+    for the responses as shown, or a :class:`JudgeFailure`. ``progress``, if given, is a
+    tqdm-like object whose ``update(n)`` is called as judgments complete. ``identity()``
+    is what ``metrics.json`` records about the judge (name and settings).
+    """
+
+    name: str
+
+    def identity(self) -> dict[str, Any]: ...
+
+    def judge(self, records: Sequence[PairRecord], positions: Sequence[str], *,
+              progress: Any = None) -> list[Outcome]: ...
+
+
+class PairwiseJudge:
+    """Base for judges that score one pair at a time: implement :meth:`score`."""
+
+    name = "pairwise"
+
+    def identity(self) -> dict[str, Any]:
+        return {"name": self.name}
+
+    def score(self, record: PairRecord, position: str) -> Outcome:
+        raise NotImplementedError
+
+    def prepare(self, records: Sequence[PairRecord]) -> None:
+        """Hook run once per batch before scoring (e.g. fit statistics); default: nothing."""
+
+    def judge(self, records: Sequence[PairRecord], positions: Sequence[str], *,
+              progress: Any = None) -> list[Outcome]:
+        if len(records) != len(positions):
+            raise ValueError(f"{len(records)} records but {len(positions)} positions")
+        self.prepare(records)
+        out = []
+        for rec, pos in zip(records, positions):
+            out.append(self.score(rec, pos))
+            if progress is not None:
+                progress.update(1)
+        return out
+
+
+# --------------------------------------------------------------------------- baselines
+
+@dataclass
+class RandomJudge(PairwiseJudge):
+    """A seeded fair coin per (seed, pair id, position): (1, 0) or (0, 1)."""
+
+    seed: int = 0
+    name: str = "random"
+
+    def identity(self) -> dict[str, Any]:
+        return {"name": self.name, "seed": self.seed}
+
+    def score(self, record: PairRecord, position: str) -> Outcome:
+        digest = hashlib.sha256(f"{self.seed}\x00{record.id}\x00{position}".encode()).digest()
+        return (1.0, 0.0) if digest[0] & 1 else (0.0, 1.0)
+
+
+_WS = re.compile(r"\s+")
+
+
+def normalized_length(text: str) -> int:
+    """Characters after collapsing whitespace runs and stripping the ends."""
+    return len(_WS.sub(" ", text).strip())
+
+
+@dataclass
+class LengthJudge(PairwiseJudge):
+    """Prefers the candidate whose length is closest to the exemplars' mean length.
+
+    Length is :func:`normalized_length` (characters); the score is ``-|len - mean|``.
+    """
+
+    name: str = "length"
+
+    def identity(self) -> dict[str, Any]:
+        return {"name": self.name, "rule": "closest to the exemplars' mean length in characters"}
+
+    def score(self, record: PairRecord, position: str) -> Outcome:
+        mean = sum(normalized_length(e) for e in record.exemplars) / len(record.exemplars)
+        a, b = arrange(record.chosen, record.rejected, position)
+        return -abs(normalized_length(a) - mean), -abs(normalized_length(b) - mean)
+
+
+def char_ngrams(text: str, n: int = 3) -> Counter:
+    """Counts of lower-cased character n-grams, whitespace collapsed to single spaces."""
+    t = _WS.sub(" ", text.lower()).strip()
+    return Counter(t[i:i + n] for i in range(max(0, len(t) - n + 1)))
+
+
+def cosine(a: dict[str, float], b: dict[str, float]) -> float:
+    if len(a) > len(b):
+        a, b = b, a
+    dot = sum(v * b.get(k, 0.0) for k, v in a.items())
+    na = math.sqrt(sum(v * v for v in a.values()))
+    nb = math.sqrt(sum(v * v for v in b.values()))
+    return dot / (na * nb) if na and nb else 0.0
+
+
+@dataclass
+class StylometryJudge(PairwiseJudge):
+    """Character n-gram profile cosine similarity to the exemplars; the more similar wins."""
+
+    ngram: int = 3
+    weighting: str = "tfidf"
+    name: str = "stylometry"
+    _idf: dict[str, float] = field(default_factory=dict, init=False, repr=False)
+    _n_docs: int = field(default=0, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.weighting not in ("tf", "tfidf"):
+            raise ValueError(f"weighting must be 'tf' or 'tfidf', got {self.weighting!r}")
+        if not 1 <= self.ngram <= 10:
+            raise ValueError(f"ngram must be 1-10, got {self.ngram}")
+
+    def identity(self) -> dict[str, Any]:
+        return {"name": self.name, "ngram": self.ngram, "weighting": self.weighting,
+                "idf_documents": self._n_docs if self.weighting == "tfidf" else None}
+
+    def prepare(self, records: Sequence[PairRecord]) -> None:
+        if self.weighting != "tfidf":
+            return
+        docs = {e for r in records for e in r.exemplars}
+        df: Counter = Counter()
+        for d in docs:
+            df.update(char_ngrams(d, self.ngram).keys())
+        self._n_docs = len(docs)
+        self._idf = {g: math.log((1 + self._n_docs) / (1 + c)) + 1.0 for g, c in df.items()}
+
+    def _weight(self, counts: Counter) -> dict[str, float]:
+        if self.weighting == "tf":
+            return dict(counts)
+        # n-grams unseen in any exemplar get the largest idf; they cannot raise a cosine
+        # with the exemplar profile anyway, only lengthen the candidate's vector.
+        unseen = math.log(1 + self._n_docs) + 1.0
+        return {g: c * self._idf.get(g, unseen) for g, c in counts.items()}
+
+    def similarity(self, exemplars: Sequence[str], candidate: str) -> float:
+        profile = self._weight(char_ngrams("\n".join(exemplars), self.ngram))
+        return cosine(self._weight(char_ngrams(candidate, self.ngram)), profile)
+
+    def score(self, record: PairRecord, position: str) -> Outcome:
+        a, b = arrange(record.chosen, record.rejected, position)
+        return self.similarity(record.exemplars, a), self.similarity(record.exemplars, b)
+
+
+# --------------------------------------------------------------------------- model judge
+
+class TextBackend(Protocol):
+    """What the model judge needs from a backend (``LocalJudge``, or :class:`ChunkedProgress`
+    around ``OpenAIJudge``): one output per request, in order, each the text or an exception
+    instance (``contracts.JudgeError``) for a request that could not be served.
+    """
+
+    def generate(self, requests: Sequence[Any], progress: Any = None) -> list[Any]: ...
+
+
+@dataclass
+class ChunkedProgress:
+    """Gives a backend whose ``generate(requests)`` takes no progress bar one, by chunks.
+
+    Each chunk is ``chunk`` requests (a few times the backend's concurrency keeps it busy).
+    """
+
+    backend: Any
+    chunk: int = 64
+
+    @property
+    def model(self) -> str:
+        return getattr(self.backend, "model", "") or ""
+
+    def generate(self, requests: Sequence[Any], progress: Any = None) -> list[Any]:
+        out: list[Any] = []
+        for start in range(0, len(requests), self.chunk):
+            part = list(requests[start:start + self.chunk])
+            out.extend(self.backend.generate(part))
+            if progress is not None:
+                progress.update(len(part))
+        return out
+
+    def close(self) -> None:
+        getattr(self.backend, "close", lambda: None)()
+
+
+@dataclass
+class ModelJudge:
+    """A PersRM checkpoint or zero-shot chat model, judged through the judge format.
+
+    Prompts are fitted into ``max_prompt_tokens`` with :class:`ExemplarBudget` when a token
+    counter is given (local models); a pair whose candidates alone do not fit is a
+    ``prompt_too_long`` failure. Outputs are read with the strict parser.
+    """
+
+    backend: TextBackend
+    label: str
+    count_tokens: Callable[[list[dict[str, str]]], int] | None = None
+    max_prompt_tokens: int = 1536
+    max_new_tokens: int = 512
+    name: str = "model"
+    settings: dict[str, Any] = field(default_factory=dict)
+    outputs: list[str | None] = field(default_factory=list, init=False, repr=False)
+
+    def identity(self) -> dict[str, Any]:
+        label = self.label or getattr(self.backend, "model", "") or "?"
+        return {"name": self.name, "model": label, "max_prompt_tokens": self.max_prompt_tokens,
+                "max_new_tokens": self.max_new_tokens, "parser": "strict (reasoning required)",
+                **self.settings}
+
+    def judge(self, records: Sequence[PairRecord], positions: Sequence[str], *,
+              progress: Any = None) -> list[Outcome]:
+        from ..contracts import JudgeRequest
+
+        if len(records) != len(positions):
+            raise ValueError(f"{len(records)} records but {len(positions)} positions")
+        budget = ExemplarBudget(self.max_prompt_tokens)
+        outcomes: list[Outcome | None] = [None] * len(records)
+        requests, slots = [], []
+        for i, (rec, pos) in enumerate(zip(records, positions)):
+            a, b = arrange(rec.chosen, rec.rejected, pos)
+            if self.count_tokens is None:
+                messages = build_messages(rec.exemplars, rec.prompt, a, b)
+            else:
+                try:
+                    messages = budget.fit(self.count_tokens, rec.exemplars, rec.prompt, a, b).messages
+                except PromptTooLong as exc:
+                    logger.warning("pair %s (real at %s): %s", rec.id, pos, exc)
+                    outcomes[i] = JudgeFailure("prompt_too_long", str(exc))
+                    if progress is not None:
+                        progress.update(1)
+                    continue
+            requests.append(JudgeRequest(messages, max_new_tokens=self.max_new_tokens))
+            slots.append(i)
+        texts = self.backend.generate(requests, progress=progress) if requests else []
+        if len(texts) != len(requests):
+            raise RuntimeError(f"judge backend returned {len(texts)} outputs for {len(requests)} requests")
+        self.outputs = [None] * len(records)
+        errors = [t for t in texts if not isinstance(t, str)]
+        if errors and len(errors) == len(texts):
+            # Not one request served: a setup problem (URL, key, model), not a measurement.
+            raise RuntimeError(f"the judge backend served none of {len(texts)} requests; first error: {errors[0]}")
+        if errors:
+            logger.warning("%d of %d judge requests got no output (counted as request_error failures); "
+                           "first: %s", len(errors), len(texts), errors[0])
+        for i, text in zip(slots, texts):
+            self.outputs[i] = text if isinstance(text, str) else None
+            outcomes[i] = self.read(text)
+        return [o for o in outcomes if o is not None]  # every slot is filled by now
+
+    def close(self) -> None:
+        """Release the backend (the local engine's thread, the HTTP client)."""
+        getattr(self.backend, "close", lambda: None)()
+
+    @staticmethod
+    def read(text: Any) -> Outcome:
+        """Scores from one backend output; a non-string (``JudgeError``, None) is a ``request_error``."""
+        if not isinstance(text, str):
+            return JudgeFailure("request_error", str(text) if text is not None else "no output")
+        result = parse_judgment(text)
+        if isinstance(result, Judgment):
+            return float(result.score_a), float(result.score_b)
+        return JudgeFailure(result.kind.value, result.detail)
+
+
+BASELINES: dict[str, type[PairwiseJudge]] = {
+    "random": RandomJudge, "length": LengthJudge, "stylometry": StylometryJudge,
+}

@@ -1,0 +1,162 @@
+"""``run_eval(cfg)``: read pairs, judge them, score the judgments, write the results.
+
+Outputs in ``cfg.out``: ``metrics.json`` (see :func:`~.metrics.compute_metrics`, plus the
+judge's identity, the config and the data), ``metrics.md`` (the printed table),
+``judgments.jsonl`` (one line per judgment, model outputs included) and
+``accuracy_by_type.png``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import asdict
+from typing import Any, Sequence
+
+from ..judge_format import assign_positions, chat_token_counter
+from ..pairs import PairRecord, load_pairs, write_jsonl
+from .config import EvalConfig
+from .judges import BASELINES, ChunkedProgress, Judge, JudgeFailure, ModelJudge, Outcome, StylometryJudge
+from .metrics import Judged, compute_metrics
+from .report import markdown_table, plot_by_type
+
+logger = logging.getLogger(__name__)
+
+
+def select_pairs(cfg: EvalConfig) -> tuple[list[PairRecord], dict[str, Any]]:
+    """The pairs to evaluate (after ``--split`` and ``--limit``) and a description of them.
+
+    A malformed row raises :class:`~openrlhf_persrm.pairs.PairFormatError` naming file and
+    line, unless ``--skip_invalid`` (then it is counted in the description).
+    """
+    records, report = load_pairs(cfg.pairs, skip_invalid=cfg.skip_invalid)
+    if report.skipped:
+        logger.warning("%s", report)
+        for err in report.first_errors:
+            logger.warning("  %s", err)
+    if cfg.split:
+        found = sorted({str(r.extra.get("split")) for r in records})
+        records = [r for r in records if r.extra.get("split") == cfg.split]
+        if not records:
+            raise ValueError(f"--split {cfg.split!r}: no rows of {cfg.pairs} have that 'split'; "
+                             f"splits present: {', '.join(found)}")
+    ids = [r.id for r in records]
+    if len(set(ids)) != len(ids):
+        dup = next(i for i in ids if ids.count(i) > 1)
+        raise ValueError(f"{cfg.pairs}: pair id {dup!r} occurs more than once; ids must be unique to score pairs")
+    if cfg.limit:
+        records = records[: cfg.limit]
+    with open(cfg.pairs, "rb") as fh:
+        sha = hashlib.sha256(fh.read()).hexdigest()
+    data = {"pairs": cfg.pairs, "sha256": sha, "rows_read": report.read, "rows_skipped": report.skipped,
+            "split": cfg.split or None, "n_pairs": len(records)}
+    return records, data
+
+
+def make_judge(cfg: EvalConfig) -> Judge:
+    """The judge ``cfg`` names; model judges load their backend here (deferred imports)."""
+    if cfg.judge == "stylometry":
+        return StylometryJudge(ngram=cfg.ngram, weighting=cfg.weighting)
+    if cfg.judge in BASELINES:
+        cls = BASELINES[cfg.judge]
+        return cls(seed=cfg.seed) if cfg.judge == "random" else cls()
+    if cfg.endpoint:
+        from ..judges.openai_backend import OpenAIJudge
+
+        served = OpenAIJudge(base_url=cfg.endpoint, model=cfg.model, api_key_env=cfg.api_key_env,
+                             concurrency=cfg.concurrency)
+        return ModelJudge(ChunkedProgress(served, chunk=4 * cfg.concurrency), label=cfg.model, count_tokens=None,
+                          max_prompt_tokens=cfg.max_prompt_tokens, max_new_tokens=cfg.max_new_tokens,
+                          settings={"backend": "endpoint", "endpoint": served.base_url,
+                                    "prompt_budget": "none (the server's context limit applies)"})
+    from ..judges.local import LocalJudge
+    from ..models import resolve_model
+
+    path = resolve_model(cfg.model)
+    local = LocalJudge(path, batch_size=cfg.batch_size)
+    return ModelJudge(local, label=cfg.model, count_tokens=chat_token_counter(local.tokenizer),
+                      max_prompt_tokens=cfg.max_prompt_tokens, max_new_tokens=cfg.max_new_tokens,
+                      settings={"backend": "local", "path": path, "decoding": "greedy"})
+
+
+def plan_positions(records: Sequence[PairRecord], *, both_orders: bool,
+                   seed: int) -> tuple[list[PairRecord], list[str]]:
+    """Which judgments to make: each pair at A and B, or once at a balanced, seeded position."""
+    if both_orders:
+        return [r for r in records for _ in (0, 1)], ["A", "B"] * len(records)
+    return list(records), assign_positions([r.id for r in records], seed)
+
+
+def to_judged(record: PairRecord, position: str, outcome: Outcome) -> Judged:
+    if isinstance(outcome, JudgeFailure):
+        return Judged(record.id, record.author, record.negative_type, position, None, outcome.kind)
+    a, b = outcome
+    return Judged(record.id, record.author, record.negative_type, position, (float(a), float(b)))
+
+
+def run_eval(cfg: EvalConfig, *, judge: Judge | None = None, echo: bool = True) -> dict[str, Any]:
+    """Evaluate ``cfg.judge`` (or the given ``judge``) on ``cfg.pairs``; returns metrics.json's content."""
+    from tqdm import tqdm
+
+    records, data = select_pairs(cfg)
+    if not records:
+        raise ValueError(f"{cfg.pairs}: no pairs to evaluate")
+    judge = judge if judge is not None else make_judge(cfg)
+    shown, positions = plan_positions(records, both_orders=cfg.both_orders, seed=cfg.seed)
+    t0 = time.perf_counter()
+    with tqdm(total=len(shown), desc=f"judging ({judge.name})", unit="judgment",
+              disable=cfg.judge != "model") as bar:
+        try:
+            outcomes = judge.judge(shown, positions, progress=bar)
+        finally:
+            getattr(judge, "close", lambda: None)()
+    seconds = time.perf_counter() - t0
+    if len(outcomes) != len(shown):
+        raise RuntimeError(f"judge {judge.name!r} returned {len(outcomes)} outcomes for {len(shown)} judgments")
+    judged = [to_judged(r, p, o) for r, p, o in zip(shown, positions, outcomes)]
+
+    from .. import __version__
+
+    metrics = compute_metrics(judged, n_resamples=cfg.bootstrap, seed=cfg.seed)
+    identity = judge.identity()  # after judging: e.g. the model an endpoint turned out to serve
+    label = cfg.display_label
+    if cfg.endpoint and not (cfg.label or cfg.model):
+        label = f"model:{identity.get('model', cfg.endpoint)}"
+    metrics = {
+        "label": label,
+        "judge": identity,
+        **metrics,
+        "positions": "both orders (each pair at A and at B)" if cfg.both_orders
+        else f"one order, balanced A/B (assign_positions, seed {cfg.seed})",
+        "data": data,
+        "config": asdict(cfg),
+        "seconds_judging": round(seconds, 2),
+        "version": __version__,
+    }
+    os.makedirs(cfg.out, exist_ok=True)
+    _write_json(os.path.join(cfg.out, "metrics.json"), metrics)
+    outputs = getattr(judge, "outputs", None)
+    write_jsonl(os.path.join(cfg.out, "judgments.jsonl"), (
+        {"id": j.pair_id, "author": j.author, "negative_type": j.negative_type, "real_at": j.real_at,
+         "scores": None if j.scores is None else list(j.scores), "verdict": j.verdict, "failure": j.failure,
+         **({"output": outputs[i]} if outputs and i < len(outputs) else {})}
+        for i, j in enumerate(judged)))
+    table = markdown_table(metrics)
+    with open(os.path.join(cfg.out, "metrics.md"), "w", encoding="utf-8") as fh:
+        fh.write(table)
+    plot_by_type([metrics], os.path.join(cfg.out, "accuracy_by_type.png"))
+    if echo:
+        print(table)
+        print(f"wrote {cfg.out}/metrics.json, metrics.md, judgments.jsonl, accuracy_by_type.png")
+    return metrics
+
+
+def _write_json(path: str, obj: Any) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(obj, fh, indent=2, ensure_ascii=False, allow_nan=False)
+        fh.write("\n")
+    os.replace(tmp, path)
