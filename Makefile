@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: demo test venv bench clean-cache
+.PHONY: demo demo-zero-shot test venv bench clean-cache
 
 venv: $(STAMP)
 
@@ -28,7 +28,12 @@ $(STAMP): pyproject.toml Makefile tests/plugin_pkg/pyproject.toml tests/plugin_p
 	$(PIP) install -q ./tests/plugin_pkg
 	touch $(STAMP)
 
+# The whole pipeline on the shipped demo corpus (synth -> SFT -> GRPO -> eval), CPU, ~30 min.
+# Rerunning skips finished stages. `make demo-zero-shot` only judges the demo pairs with SmolLM2.
 demo: $(STAMP)
+	$(PY) -m openrlhf_persrm.cli.main pipeline recipes/demo-cpu.yaml
+
+demo-zero-shot: $(STAMP)
 	$(PY) -m openrlhf_persrm.cli.main demo
 
 test: $(STAMP)

@@ -191,6 +191,8 @@ class TraceConfig:
                         "assigned order.", default="both")
     fallback: str = _help("When the teacher never ranks the real text higher: 'none' leaves the pair out of "
                           "the sft files, 'bootstrap' writes a stylometric trace instead.", default="none")
+    style: str = _help("Stylometric (bootstrap) traces: 'full' cites every measure; 'brief' keeps the key "
+                       "numbers and the conclusion (for small models and CPU runs).", default="full")
 
     def __post_init__(self) -> None:
         bad = [s for s in self.splits if s not in SPLITS]
@@ -201,6 +203,8 @@ class TraceConfig:
             raise ValueError(f"--traces.tries={self.tries!r} is invalid; use 1 or more")
         if self.orders not in ("both", "one"):
             raise ValueError(f"--traces.orders={self.orders!r} is invalid; use 'both' or 'one'")
+        if self.style not in ("full", "brief"):
+            raise ValueError(f"--traces.style={self.style!r} is invalid; use 'full' or 'brief'")
         if self.fallback not in ("none", "bootstrap"):
             raise ValueError(f"--traces.fallback={self.fallback!r} is invalid; use 'none' or 'bootstrap'")
 

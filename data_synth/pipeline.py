@@ -468,7 +468,8 @@ def assemble(plan: Plan, results: dict[str, dict[str, Any]], cfg: SynthConfig,
                     trace = traces[pos]
                     accepted += 1
                 else:
-                    reasoning, scores, agrees = bootstrap_reasoning(p.exemplars, p.prompt, p.chosen, p.rejected, pos)
+                    reasoning, scores, agrees = bootstrap_reasoning(p.exemplars, p.prompt, p.chosen, p.rejected, pos,
+                                                                    brief=cfg.traces.style == "brief")
                     trace = Trace(reasoning, pos, scores, "bootstrap:stylometry").to_json()
                     agree += int(agrees)
                     if use_teacher:

@@ -119,8 +119,11 @@ def _strip(token: str) -> str:
 
 
 def bootstrap_reasoning(exemplars: Sequence[str], prompt: str, chosen: str, rejected: str,
-                        chosen_position: str) -> tuple[str, tuple[int, int], bool]:
+                        chosen_position: str, brief: bool = False) -> tuple[str, tuple[int, int], bool]:
     """A readable, evidence-grounded analysis ending in the correct answer.
+
+    ``brief`` keeps only the key numbers and the conclusion (about a fifth of the length):
+    for small models and CPU runs, where every generated token counts.
 
     Returns ``(reasoning, (score_A, score_B), agrees)``: the scores always rank the real text
     (at ``chosen_position``) higher; ``agrees`` says whether the overall stylometric distance
@@ -141,7 +144,7 @@ def bootstrap_reasoning(exemplars: Sequence[str], prompt: str, chosen: str, reje
         f"{profile.sentence_length:.1f} words, with words of {profile.word_length:.2f} letters on average "
         f"and {_habits(profile)}. Their most frequent function words are "
         + ", ".join(f'"{w}"' for w, _ in top_function)
-        + (f"; their vocabulary includes words such as " + ", ".join(f'"{w}"' for w in distinctive) + "."
+        + ("; their vocabulary includes words such as " + ", ".join(f'"{w}"' for w in distinctive) + "."
            if distinctive else "."),
         "",
     ]
@@ -155,18 +158,19 @@ def bootstrap_reasoning(exemplars: Sequence[str], prompt: str, chosen: str, reje
     lines.append("")
 
     measures = [
-        ("sentence length", cmp[real].sentence_gap, cmp[other].sentence_gap, "closer to the exemplars' average"),
-        ("word length", cmp[real].word_length_gap, cmp[other].word_length_gap, "closer to the exemplars' average"),
-        ("punctuation habits", cmp[real].punctuation_gap, cmp[other].punctuation_gap, "nearer the exemplars' rates"),
+        ("sentence length", cmp[real].sentence_gap, cmp[other].sentence_gap, "is closer to the exemplars' average"),
+        ("word length", cmp[real].word_length_gap, cmp[other].word_length_gap, "is closer to the exemplars' average"),
+        ("punctuation habits", cmp[real].punctuation_gap, cmp[other].punctuation_gap,
+         "is nearer the exemplars' rates"),
         ("function words", -cmp[real].function_similarity, -cmp[other].function_similarity,
-         "more similar in its use of function words"),
+         "uses function words more like the exemplars"),
         ("vocabulary", -cmp[real].vocabulary_overlap, -cmp[other].vocabulary_overlap,
          "shares more of the exemplars' vocabulary"),
     ]
     favour_real = [(name, why) for name, r, o, why in measures if r < o - 1e-9]
     favour_other = [name for name, r, o, _ in measures if o < r - 1e-9]
     for name, why in favour_real:
-        lines.append(f"On {name}, Response {real} is {why} than Response {other}.")
+        lines.append(f"On {name}, Response {real} {why} than Response {other}.")
     if favour_other:
         lines.append(f"Response {other} is closer on {', '.join(favour_other)}, so these measures alone "
                      "do not settle it.")
@@ -199,4 +203,12 @@ def bootstrap_reasoning(exemplars: Sequence[str], prompt: str, chosen: str, reje
     high = 7 + round(2 * strength)
     low = max(1, high - 2 - round(3 * strength))
     scores = (high, low) if real == "A" else (low, high)
+    if brief:
+        short = [f"Exemplars: {profile.sentence_length:.0f} words per sentence, {_habits(profile)}."]
+        for pos in ("A", "B"):
+            c = cmp[pos]
+            short.append(f"Response {pos}: {c.features.sentence_length:.0f} words per sentence, function-word "
+                         f"similarity {c.function_similarity:.2f}, {100 * c.vocabulary_overlap:.0f}% shared vocabulary.")
+        short.append(lines[-1])
+        return "\n".join(short), scores, agrees
     return "\n".join(lines), scores, agrees

@@ -39,8 +39,15 @@ def make_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="judge the shipped demo pairs with SmolLM2 zero-shot")
     _add_dataclass_flags(demo, DemoConfig, DEMO_HELP)
-    sub.add_parser("synth", help="synthesise PersRM pairs and traces from a corpus (see persrm synth --help)",
-                   add_help=False)
+    for name, text in (("synth", "synthesise PersRM pairs and traces from a corpus"),
+                       ("eval", "pairwise accuracy of a judge on PersRM pairs, with CIs and plots"),
+                       ("serve", "serve a PersRM judge over HTTP (OpenRLHF remote-RM protocol)")):
+        sub.add_parser(name, help=f"{text} (see persrm {name} --help)", add_help=False)
+    pipe = sub.add_parser("pipeline", help="run one experiment recipe (YAML) stage by stage")
+    pipe.add_argument("recipe", help="a recipe file, e.g. recipes/demo-cpu.yaml")
+    pipe.add_argument("--only", nargs="*", default=[], help="run only these stages (synth sft grpo policy eval)")
+    pipe.add_argument("--workdir", default=None, help="override the recipe's workdir")
+    pipe.add_argument("--verbose", action="store_true", help="stream every stage's full output")
     return parser
 
 
@@ -51,7 +58,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         from data_synth.cli import main as synth_main
 
         return synth_main(argv[1:])
+    if argv and argv[0] == "eval":
+        from ..eval.cli import main as eval_main
+
+        return eval_main(argv[1:])
+    if argv and argv[0] == "serve":
+        from ..serve import main as serve_main
+
+        return serve_main(argv[1:])
     args = make_parser().parse_args(argv)
+    if args.command == "pipeline":
+        from ..pipeline import RecipeError, run_recipe
+
+        try:
+            run_recipe(args.recipe, only=args.only, verbose=args.verbose, workdir=args.workdir)
+        except RecipeError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        return 0
     if args.command == "demo":
         from ..demo import DemoConfig, run_demo
 
