@@ -194,6 +194,11 @@ def install_flash_attn_stub() -> None:
 _SHIMS_APPLIED = False
 
 
+def default_torch_extensions_dir() -> str:
+    """Where DeepSpeed JIT-builds its CPU ops (once, 30-50 s): a cache under the working directory."""
+    return os.path.abspath(os.path.join(".cache", "torch_extensions"))
+
+
 def apply_cpu_shims() -> None:
     """Make OpenRLHF 0.11.2's DeepSpeed strategy run on a CPU-only torch. Idempotent.
 
@@ -207,6 +212,7 @@ def apply_cpu_shims() -> None:
         return
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", default_torch_extensions_dir())
     install_flash_attn_stub()
     import torch
 

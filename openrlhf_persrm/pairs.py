@@ -196,20 +196,6 @@ class ReadReport:
         return f"{self.path}: read {self.read} pairs, skipped {self.skipped} invalid ({why})"
 
 
-def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
-    """Yield ``(line_number, object)`` for each non-blank line; bad JSON raises with file and line."""
-    path = str(path)
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                yield lineno, json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise PairFormatError(f"invalid JSON ({exc.msg} at column {exc.colno})",
-                                      path=path, line=lineno) from None
-
-
 def read_pairs(path: str | os.PathLike, *, skip_invalid: bool = False,
                report: ReadReport | None = None) -> Iterator[PairRecord]:
     """Yield the pair records of a JSONL file, validating each line.

@@ -301,3 +301,15 @@ def test_compare_puts_judges_side_by_side(mixed_file, tmp_path, capsys):
     assert main(["compare", *paths, "--out", str(tmp_path / "c2")]) == 0
     md2 = (tmp_path / "c2" / "compare.md").read_text()
     assert "| stylometry |" in md2 and "| random |" in md2  # labels stored in metrics.json
+
+
+def test_limit_spreads_over_authors():
+    from conftest import make_pair
+
+    from openrlhf_persrm.eval.run import spread_over_authors
+    from openrlhf_persrm.pairs import PairRecord
+
+    recs = [PairRecord.from_json(make_pair(i, author="first" if i < 10 else "second")) for i in range(12)]
+    picked = spread_over_authors(recs, 4, seed=0)
+    assert sorted(r.author for r in picked) == ["first", "first", "second", "second"]
+    assert [r.id for r in picked] == [r.id for r in spread_over_authors(recs, 4, seed=0)]  # deterministic

@@ -24,7 +24,7 @@ import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from .. import __version__
 
@@ -197,3 +197,19 @@ def print_help(launcher: str, ours: argparse.ArgumentParser) -> None:
     ours.print_help()
     print(f"\nOpenRLHF 0.11.2 {launcher} flags (passed through unchanged):\n")
     launcher_parser(launcher).print_help()
+
+
+def wrapper_main(launcher: str, argv: Sequence[str] | None, *, reward: bool,
+                 prepare: Callable[[list[str]], Any], run: Callable[[Any], int]) -> int:
+    """The shared shape of both wrappers: help, translate flags (errors exit 2), run."""
+    setup_logging()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "-h" in argv or "--help" in argv:
+        print_help(launcher, plugin_parser(launcher, reward=reward))
+        return 0
+    try:
+        prepared = prepare(argv)
+    except (WrapperError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return run(prepared)

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from ._wrapper import (Argv, WrapperError, check_reparse, convert_datasets, load_json_config, logger,
-                       namespace_dict, plugin_parser, print_help, setup_logging)
+                       namespace_dict, plugin_parser, wrapper_main)
 
 LAUNCHER = "train_ppo_ray"
 
@@ -120,19 +120,9 @@ def init_ray(env: dict[str, str], **ray_kwargs) -> None:
     ray.init(runtime_env=runtime_env, **ray_kwargs)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    setup_logging()
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if "-h" in argv or "--help" in argv:
-        print_help(LAUNCHER, plugin_parser(LAUNCHER, reward=True))
-        return 0
+def run(prep: Prepared) -> int:
     from .. import compat
 
-    try:
-        prep = prepare(argv)
-    except (WrapperError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
     os.environ.update(prep.env)
     if prep.cpu:
         from ..cpu import mode as cpu_mode
@@ -141,6 +131,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     init_ray(prep.env)
     compat.run_launcher(LAUNCHER, prep.tokens)
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return wrapper_main(LAUNCHER, argv, reward=True, prepare=prepare, run=run)
 
 
 if __name__ == "__main__":

@@ -13,12 +13,11 @@ accelerator.
 
 from __future__ import annotations
 
-import os
 import sys
 from typing import Sequence
 
 from ._wrapper import (Argv, WrapperError, check_reparse, convert_datasets, load_json_config, logger,
-                       namespace_dict, plugin_parser, print_help, setup_logging)
+                       namespace_dict, plugin_parser, wrapper_main)
 
 LAUNCHER = "train_sft"
 
@@ -49,25 +48,19 @@ def prepare(argv: Sequence[str]) -> tuple[list[str], bool]:
     return out.tokens, cpu
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    setup_logging()
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if "-h" in argv or "--help" in argv:
-        print_help(LAUNCHER, plugin_parser(LAUNCHER, reward=False))
-        return 0
+def run(prepared: tuple[list[str], bool]) -> int:
     from .. import compat
 
-    try:
-        tokens, cpu = prepare(argv)
-    except (WrapperError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    tokens, cpu = prepared
     if cpu:
         compat.apply_cpu_shims()
         compat.ensure_single_process_env()
-        os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.abspath(os.path.join(".cache", "torch_extensions")))
     compat.run_launcher(LAUNCHER, tokens)
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return wrapper_main(LAUNCHER, argv, reward=False, prepare=prepare, run=run)
 
 
 if __name__ == "__main__":

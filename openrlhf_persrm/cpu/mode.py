@@ -116,8 +116,7 @@ def run_ppo(tokens: Sequence[str], env: dict[str, str], ns: dict[str, Any]) -> i
         "TOKENIZERS_PARALLELISM": "false",
         # Busy-waiting OpenMP threads of several processes on a few cores slow each other 10x.
         "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
-        "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR",
-                                               os.path.abspath(os.path.join(".cache", "torch_extensions"))),
+        "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", compat.default_torch_extensions_dir()),
     })
     os.environ.update(env_vars)
     # The driver runs OpenRLHF's train() too: same shims and stand-in as the workers.

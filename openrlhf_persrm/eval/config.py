@@ -26,7 +26,8 @@ class EvalConfig:
     api_key_env: str = _f("PERSRM_JUDGE_API_KEY", "environment variable holding the endpoint's API key (if any)")
     both_orders: bool = _f(False, "judge every pair twice, real text at A and at B (gives position consistency)")
     split: str = _f("", "keep only rows whose 'split' field equals this (e.g. test_unseen_authors)")
-    limit: int = _f(0, "evaluate at most this many pairs, after --split (0: all)")
+    limit: int = _f(0, "evaluate at most this many pairs, after --split, taken in turn from each author "
+                           "(seeded; 0: all)")
     skip_invalid: bool = _f(False, "skip (and report) malformed rows instead of stopping at the first")
     seed: int = _f(0, "seed of the balanced A/B positions, the random judge and the bootstrap")
     bootstrap: int = _f(1000, "bootstrap resamples for the 95% confidence intervals")

@@ -26,6 +26,24 @@ from .report import markdown_table, plot_by_type
 logger = logging.getLogger(__name__)
 
 
+def spread_over_authors(records: list, limit: int, seed: int) -> list:
+    """``limit`` records taken in turn from each author (each author's in seeded order).
+
+    The first rows of a split usually belong to one author; a plain head would evaluate
+    one person.
+    """
+    from collections import defaultdict
+    from itertools import zip_longest
+
+    from ..judge_format import position_key
+
+    by_author: dict[str, list] = defaultdict(list)
+    for rec in sorted(records, key=lambda r: position_key(r.id, seed)):
+        by_author[rec.author].append(rec)
+    picked = [r for group in zip_longest(*(by_author[a] for a in sorted(by_author))) for r in group if r is not None]
+    return picked[:limit]
+
+
 def select_pairs(cfg: EvalConfig) -> tuple[list[PairRecord], dict[str, Any]]:
     """The pairs to evaluate (after ``--split`` and ``--limit``) and a description of them.
 
@@ -47,8 +65,8 @@ def select_pairs(cfg: EvalConfig) -> tuple[list[PairRecord], dict[str, Any]]:
     if len(set(ids)) != len(ids):
         dup = next(i for i in ids if ids.count(i) > 1)
         raise ValueError(f"{cfg.pairs}: pair id {dup!r} occurs more than once; ids must be unique to score pairs")
-    if cfg.limit:
-        records = records[: cfg.limit]
+    if cfg.limit and len(records) > cfg.limit:
+        records = spread_over_authors(records, cfg.limit, cfg.seed)
     with open(cfg.pairs, "rb") as fh:
         sha = hashlib.sha256(fh.read()).hexdigest()
     data = {"pairs": cfg.pairs, "sha256": sha, "rows_read": report.read, "rows_skipped": report.skipped,
