@@ -109,3 +109,25 @@ def test_processes_are_gone_after_an_error_and_after_ctrl_c(tmp_path, tiny_model
             child.kill()
     assert child.returncode in (1, 130)
     assert _ray_processes("persrm-ray-") == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", [["--train.async_enable"],
+                                  ["--train.colocate_all", "--vllm.sync_backend", "gloo", "--vllm.enable_sleep"]],
+                         ids=["async", "colocate_sleep"])
+def test_async_and_colocated_modes_run_on_cpu(tmp_path, tiny_model, mode):
+    """The engine's sleep/wake/pause paths, as OpenRLHF drives them in these two modes."""
+    pairs = write_rows(tmp_path / "pairs.jsonl", [make_pair(i) for i in range(4)])
+    cmd = [sys.executable, "-m", "openrlhf_persrm.cli.train_ppo_ray", "--cpu", "--reward_plugin", "persrm_rule",
+           "--dataset_plugin", "persrm_rl", "--data.prompt_dataset", str(pairs),
+           "--actor.model_name_or_path", tiny_model, "--algo.advantage.estimator", "group_norm",
+           "--rollout.n_samples_per_prompt", "4", "--rollout.batch_size", "2", "--rollout.micro_batch_size", "4",
+           "--train.batch_size", "8", "--train.micro_batch_size", "4", "--rollout.max_new_tokens", "16",
+           "--data.max_len", "2048", "--vllm.num_engines", "1", "--data.max_samples", "4",
+           "--algo.kl.init_coef", "0", "--ckpt.output_dir", str(tmp_path / "ckpt"),
+           "--persrm.cache_dir", str(tmp_path / "cache"), *mode]
+    env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(REPO / ".cache" / "torch_extensions"))
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=tmp_path, env=env)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-6000:]
+    assert sorted(parse_step_logs(log)) == [1, 2]
