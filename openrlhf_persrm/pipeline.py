@@ -45,6 +45,7 @@ class EvalSpec:
 
     split: str = "test_unseen_authors"
     limit: int = 0
+    both_orders: bool = False  # judge each pair twice (real text at A, then at B): position consistency
     judges: list[str] = field(default_factory=lambda: ["random", "stylometry", "base", "sft", "grpo"])
     flags: dict[str, Any] = field(default_factory=dict)  # extra `persrm eval` flags for model judges
 
@@ -292,6 +293,8 @@ class Pipeline:
                 argv += ["--split", spec.split]
             if spec.limit:
                 argv += ["--limit", str(spec.limit)]
+            if spec.both_orders:
+                argv += ["--both_orders"]
             if judge in MODEL_JUDGES:
                 argv += ["--judge", "model", "--model", str(models[judge])] + _flags(spec.flags)
             else:
