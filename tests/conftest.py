@@ -80,14 +80,23 @@ def sft_file(tmp_path) -> Path:
 
 
 def judge_prompts(n_pairs: int) -> list:
-    """Judge-format prompts for the first ``n_pairs`` test pairs, in both A/B orders."""
+    """Judge-format prompts for the first ``n_pairs`` test pairs, in both A/B orders, plus one with
+    random-word candidates per pair."""
     from openrlhf_persrm.judge_format import arrange, build_messages
 
+    import random
+
+    rng = random.Random(0)
+    words = "the a sea of letter morning and I was it light grey".split()
     out = []
     for i in range(n_pairs):
         p = make_pair(i)
         for pos in ("A", "B"):
             out.append(build_messages(p["exemplars"], p["prompt"], *arrange(p["chosen"], p["rejected"], pos)))
+        # Candidates of random words too (a policy's samples look like that), so the judge's
+        # output format does not hinge on seeing these particular texts.
+        noise = [" ".join(rng.choice(words) for _ in range(rng.randint(3, 20))) for _ in range(2)]
+        out.append(build_messages(p["exemplars"], p["prompt"], *noise))
     return out
 
 
@@ -96,4 +105,26 @@ def tiny_judge(tmp_path_factory) -> str:
     """A tiny model taught to answer judge prompts in the judge format (mixed verdicts)."""
     from _tiny import tiny_judge_lm
 
-    return tiny_judge_lm(tmp_path_factory.mktemp("judge"), judge_prompts(4))
+    return tiny_judge_lm(tmp_path_factory.mktemp("judge"), judge_prompts(4), steps=200)
+
+
+def tiny_grpo_cmd(tmp_path: Path, model: str, prompts: Path, *flags: str) -> list[str]:
+    """``train_ppo_ray --cpu`` for two small GRPO steps (4 prompts x 4 samples); ``flags`` add or override."""
+    import sys
+
+    return [sys.executable, "-m", "openrlhf_persrm.cli.train_ppo_ray", "--cpu",
+            "--data.prompt_dataset", str(prompts), "--actor.model_name_or_path", model,
+            "--algo.advantage.estimator", "group_norm", "--rollout.n_samples_per_prompt", "4",
+            "--rollout.batch_size", "2", "--rollout.micro_batch_size", "4", "--train.batch_size", "8",
+            "--train.micro_batch_size", "4", "--rollout.max_new_tokens", "16", "--data.max_len", "2048",
+            "--vllm.num_engines", "1", "--data.max_samples", "4", "--algo.kl.init_coef", "0",
+            "--ckpt.output_dir", str(tmp_path / "ckpt"), "--persrm.cache_dir", str(tmp_path / "cache"), *flags]
+
+
+def run_cpu_launcher(cmd: list[str], cwd: Path, **env: str):
+    """Run a wrapper command to completion; returns ``(returncode, stdout + stderr)``."""
+    import subprocess
+
+    full_env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(REPO / ".cache" / "torch_extensions"), **env)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=cwd, env=full_env)
+    return proc.returncode, proc.stdout + proc.stderr

@@ -1,6 +1,5 @@
 """Downstream policy GRPO on CPU with PersRM as the generative reward, served by `persrm serve`."""
 
-import os
 import signal
 import socket
 import subprocess
@@ -9,9 +8,17 @@ import time
 import urllib.request
 
 import pytest
-from conftest import REPO, make_pair, write_rows
+from conftest import make_pair, run_cpu_launcher, tiny_grpo_cmd, write_rows
 
 from openrlhf_persrm.compat import parse_step_logs
+
+
+def server_output(proc: subprocess.Popen) -> str:
+    proc.send_signal(signal.SIGINT)
+    try:
+        return proc.communicate(timeout=60)[0][-4000:]
+    except subprocess.TimeoutExpired:
+        return "(no output: the server did not stop)"
 
 
 def _free_port() -> int:
@@ -46,19 +53,11 @@ def test_policy_grpo_against_a_served_persrm_judge(tmp_path, tiny_model, tiny_ju
         _wait_healthy(f"http://127.0.0.1:{port}/health", server)
         pairs = write_rows(tmp_path / "pairs.jsonl",
                            [make_pair(i, prompt=f"Morning {i}: Elinor walked out early.") for i in range(4)])
-        cmd = [sys.executable, "-m", "openrlhf_persrm.cli.train_ppo_ray", "--cpu",
-               "--reward_plugin", "persrm", "--reward_plugin_config", f'{{"serve_url": "http://127.0.0.1:{port}"}}',
-               "--dataset_plugin", "persrm_policy", "--data.prompt_dataset", str(pairs),
-               "--actor.model_name_or_path", tiny_model, "--algo.advantage.estimator", "group_norm",
-               "--rollout.n_samples_per_prompt", "4", "--rollout.batch_size", "2", "--rollout.micro_batch_size", "4",
-               "--train.batch_size", "8", "--train.micro_batch_size", "4", "--rollout.max_new_tokens", "16",
-               "--data.max_len", "1024", "--vllm.num_engines", "1", "--data.max_samples", "4",
-               "--algo.kl.init_coef", "0", "--ckpt.output_dir", str(tmp_path / "ckpt"),
-               "--persrm.cache_dir", str(tmp_path / "cache")]
-        env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(REPO / ".cache" / "torch_extensions"))
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=tmp_path, env=env)
-        log = proc.stdout + proc.stderr
-        assert proc.returncode == 0, log[-6000:]
+        cmd = tiny_grpo_cmd(tmp_path, tiny_model, pairs, "--reward_plugin", "persrm", "--reward_plugin_config",
+                            f'{{"serve_url": "http://127.0.0.1:{port}"}}', "--dataset_plugin", "persrm_policy",
+                            "--data.max_len", "1024")
+        rc, log = run_cpu_launcher(cmd, tmp_path)
+        assert rc == 0, log[-6000:]
         assert "reward plugin persrm is served at http://127.0.0.1" in log
         steps = parse_step_logs(log)
         assert sorted(steps) == [1, 2], log[-3000:]
@@ -67,7 +66,7 @@ def test_policy_grpo_against_a_served_persrm_judge(tmp_path, tiny_model, tiny_ju
             for key in ("reward", "judge_failed", "sample_score", "reference_score", "position_consistent"):
                 assert key in logs, (key, logs)
             assert -1.0 <= logs["reward"] <= 1.0
-        assert any(logs["judge_failed"] < 1.0 for logs in steps.values())  # the judge did score samples
+        assert any(logs["judge_failed"] < 1.0 for logs in steps.values()), (steps, server_output(server))
     finally:
         server.send_signal(signal.SIGINT)
         try:

@@ -2,15 +2,13 @@
 with the persrm_rule reward and persrm_rl rows, rollouts in the CPU vLLM stand-in."""
 
 import json
-import os
 import signal
 import subprocess
 import time
-import sys
 
 import psutil
 import pytest
-from conftest import REPO, make_pair, write_rows
+from conftest import make_pair, run_cpu_launcher, tiny_grpo_cmd, write_rows
 
 from openrlhf_persrm.compat import parse_step_logs
 
@@ -33,20 +31,11 @@ def test_grpo_two_steps_on_cpu(tmp_path, tiny_judge):
     pairs = write_rows(tmp_path / "pairs.jsonl", [make_pair(i) for i in range(4)])
     digest_dir = tmp_path / "engine"
     out_dir = tmp_path / "ckpt"
-    cmd = [sys.executable, "-m", "openrlhf_persrm.cli.train_ppo_ray", "--cpu",
-           "--reward_plugin", "persrm_rule", "--dataset_plugin", "persrm_rl",
-           "--data.prompt_dataset", str(pairs), "--actor.model_name_or_path", tiny_judge,
-           "--algo.advantage.estimator", "group_norm", "--rollout.n_samples_per_prompt", "4",
-           "--rollout.batch_size", "2", "--rollout.micro_batch_size", "4", "--train.batch_size", "8",
-           "--train.micro_batch_size", "4", "--rollout.max_new_tokens", "24", "--rollout.temperature", "1.0",
-           "--data.max_len", "2048", "--vllm.num_engines", "1", "--data.max_samples", "4",
-           "--train.num_episodes", "1", "--algo.kl.init_coef", "0", "--actor.adam.lr", "1e-3",
-           "--ckpt.output_dir", str(out_dir), "--ckpt.save_hf", "--persrm.cache_dir", str(tmp_path / "cache")]
-    env = dict(os.environ, PERSRM_CPU_ENGINE_DIGEST_DIR=str(digest_dir),
-               TORCH_EXTENSIONS_DIR=str(REPO / ".cache" / "torch_extensions"))
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=tmp_path, env=env)
-    log = proc.stdout + proc.stderr
-    assert proc.returncode == 0, log[-6000:]
+    cmd = tiny_grpo_cmd(tmp_path, tiny_judge, pairs, "--reward_plugin", "persrm_rule", "--dataset_plugin", "persrm_rl",
+                        "--rollout.max_new_tokens", "24", "--rollout.temperature", "0.8", "--train.num_episodes", "1",
+                        "--actor.adam.lr", "1e-3", "--ckpt.save_hf")
+    rc, log = run_cpu_launcher(cmd, tmp_path, PERSRM_CPU_ENGINE_DIGEST_DIR=str(digest_dir))
+    assert rc == 0, log[-6000:]
 
     # Per-step reward and the reward plugin's extra logs, as OpenRLHF logs them.
     steps = parse_step_logs(log)
@@ -86,12 +75,9 @@ def _wait_for(proc, marker, timeout):
 def test_processes_are_gone_after_an_error_and_after_ctrl_c(tmp_path, tiny_model):
     # Raw pair rows without --dataset_plugin: OpenRLHF fails inside a Ray actor (no 'input' key).
     pairs = write_rows(tmp_path / "pairs.jsonl", [make_pair(i) for i in range(2)])
-    base = [sys.executable, "-m", "openrlhf_persrm.cli.train_ppo_ray", "--cpu", "--reward_plugin", "persrm_rule",
-            "--data.prompt_dataset", str(pairs), "--actor.model_name_or_path", tiny_model,
-            "--algo.advantage.estimator", "group_norm", "--rollout.n_samples_per_prompt", "2",
-            "--rollout.batch_size", "2", "--train.batch_size", "4", "--train.micro_batch_size", "2",
-            "--rollout.micro_batch_size", "2", "--rollout.max_new_tokens", "8", "--vllm.num_engines", "1",
-            "--algo.kl.init_coef", "0", "--ckpt.output_dir", str(tmp_path / "ckpt")]
+    base = tiny_grpo_cmd(tmp_path, tiny_model, pairs, "--reward_plugin", "persrm_rule",
+                         "--rollout.n_samples_per_prompt", "2", "--train.batch_size", "4", "--train.micro_batch_size",
+                         "2", "--rollout.micro_batch_size", "2", "--rollout.max_new_tokens", "8")
     proc = subprocess.run(base, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert proc.returncode != 0
     assert _ray_processes("persrm-ray-") == []
@@ -118,16 +104,8 @@ def test_processes_are_gone_after_an_error_and_after_ctrl_c(tmp_path, tiny_model
 def test_async_and_colocated_modes_run_on_cpu(tmp_path, tiny_model, mode):
     """The engine's sleep/wake/pause paths, as OpenRLHF drives them in these two modes."""
     pairs = write_rows(tmp_path / "pairs.jsonl", [make_pair(i) for i in range(4)])
-    cmd = [sys.executable, "-m", "openrlhf_persrm.cli.train_ppo_ray", "--cpu", "--reward_plugin", "persrm_rule",
-           "--dataset_plugin", "persrm_rl", "--data.prompt_dataset", str(pairs),
-           "--actor.model_name_or_path", tiny_model, "--algo.advantage.estimator", "group_norm",
-           "--rollout.n_samples_per_prompt", "4", "--rollout.batch_size", "2", "--rollout.micro_batch_size", "4",
-           "--train.batch_size", "8", "--train.micro_batch_size", "4", "--rollout.max_new_tokens", "16",
-           "--data.max_len", "2048", "--vllm.num_engines", "1", "--data.max_samples", "4",
-           "--algo.kl.init_coef", "0", "--ckpt.output_dir", str(tmp_path / "ckpt"),
-           "--persrm.cache_dir", str(tmp_path / "cache"), *mode]
-    env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(REPO / ".cache" / "torch_extensions"))
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=tmp_path, env=env)
-    log = proc.stdout + proc.stderr
-    assert proc.returncode == 0, log[-6000:]
+    cmd = tiny_grpo_cmd(tmp_path, tiny_model, pairs, "--reward_plugin", "persrm_rule", "--dataset_plugin",
+                        "persrm_rl", *mode)
+    rc, log = run_cpu_launcher(cmd, tmp_path)
+    assert rc == 0, log[-6000:]
     assert sorted(parse_step_logs(log)) == [1, 2]
