@@ -24,12 +24,13 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Sequence
 
 from ..contracts import JudgeError, JudgeRequest
+from ._runtime import RebuiltAfterPickling
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
-class LocalJudge:
+class LocalJudge(RebuiltAfterPickling):
     """A Hugging Face causal LM judging on CPU, batching concurrent requests together.
 
     Args:
@@ -51,6 +52,7 @@ class LocalJudge:
     """
 
     name: ClassVar[str] = "local"
+    _RUNTIME: ClassVar[str] = "_engine"
 
     model_path: str = ""
     batch_size: int = 16
@@ -72,15 +74,6 @@ class LocalJudge:
             raise ValueError(f"local judge: batch_size={self.batch_size}; use 1 (one at a time) or more")
         if self.timeout <= 0:
             raise ValueError(f"local judge: timeout={self.timeout}; use a positive number of seconds")
-        self._lock = threading.Lock()
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = dict(self.__dict__)
-        state.update(_engine=None, _lock=None, stats=Counter())
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ model

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Sequence
 
 from ..contracts import JudgeError, JudgeRequest
+from ._runtime import RebuiltAfterPickling
 from .openai_client import EndpointError, EndpointFatal, v1_base_url
 
 logger = logging.getLogger(__name__)
@@ -27,7 +28,7 @@ ENV_API_KEY = "PERSRM_JUDGE_API_KEY"
 
 
 @dataclass
-class OpenAIJudge:
+class OpenAIJudge(RebuiltAfterPickling):
     """A served judge model, reached over HTTP.
 
     Args:
@@ -43,6 +44,7 @@ class OpenAIJudge:
     """
 
     name: ClassVar[str] = "openai"
+    _RUNTIME: ClassVar[str] = "_runtime"
 
     base_url: str = ""
     model: str = ""
@@ -61,15 +63,6 @@ class OpenAIJudge:
         if self.concurrency < 1 or self.retries < 0 or self.timeout <= 0:
             raise ValueError(f"openai judge: concurrency={self.concurrency}, retries={self.retries}, "
                              f"timeout={self.timeout}; need concurrency >= 1, retries >= 0, timeout > 0")
-        self._lock = threading.Lock()
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = dict(self.__dict__)
-        state.update(_runtime=None, _lock=None, stats=Counter())
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ runtime
