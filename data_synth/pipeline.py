@@ -467,7 +467,9 @@ def assemble(plan: Plan, results: dict[str, dict[str, Any]], cfg: SynthConfig,
 
     files: dict[str, list[dict[str, Any]]] = {"pairs.jsonl": [p.to_json() for p in pairs]}
     for split, name in (("train", "rl.jsonl"), ("validation", "rl_validation.jsonl")):
-        files[name] = [p.to_json() for p in pairs if p.extra["split"] == split]
+        rl = [p for p in pairs if p.extra["split"] == split]
+        rl.sort(key=lambda p: seeded_key(cfg.seed, "rl_order", p.id))  # a prefix covers every author
+        files[name] = [p.to_json() for p in rl]
 
     use_teacher = teacher_identity.get("backend") != "offline"
     trace_stats: dict[str, Any] = {"kind": "teacher" if use_teacher else "bootstrap", "splits": list(cfg.traces.splits)}
@@ -519,6 +521,9 @@ def assemble(plan: Plan, results: dict[str, dict[str, Any]], cfg: SynthConfig,
                     row = p.to_json()
                     row["trace"] = trace
                     rows.append(row)
+        # Seeded shuffle: consecutive rows never belong to one author, so --data.max_samples (a prefix)
+        # still covers every author.
+        rows.sort(key=lambda row: seeded_key(cfg.seed, "sft_order", row["id"], row["trace"]["chosen_position"]))
         files[name] = rows
     n_boot = sum(bootstrap.values())
     trace_stats.update({

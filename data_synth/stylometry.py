@@ -107,6 +107,10 @@ HABITS: tuple[tuple[str, Any], ...] = (
     ("first person", ("i", "me", "my", "mine")), ("second person", ("you", "your", "yours")),
     ("first person plural", ("we", "us", "our", "ours")),
 )
+#: How a brief trace writes each habit.
+HABIT_MARKS = {"semicolons": ";", "colons": ":", "dashes": "\u2014", "exclamations": "!", "questions": "?",
+               "quotation marks": '"', "parentheses": "(", "first person": "I", "second person": "you",
+               "first person plural": "we"}
 MAX_SHARED = 8   # words listed (and counted) per candidate
 MIN_SHARED_LETTERS = 4
 
@@ -205,14 +209,18 @@ def evidence_trace(exemplars: Sequence[str], prompt: str, chosen: str, rejected:
     high, low = min(9, 6 + margin), max(2, 5 - margin)
     scores = (high, low) if real == "A" else (low, high)
     if brief:
-        lines = [f"Person: {_listing(person)}."]
+        # Compact, for small models: habits as the marks themselves, which a model can spot and copy.
+        def marks(names: Sequence[str]) -> str:
+            return " ".join(HABIT_MARKS[n] for n in names) or "none"
+
+        lines = [f"Person: {marks(person)}."]
         for pos in ("A", "B"):
             e = ev[pos]
-            line = f"{pos} shares {len(e.shared)} words ({_listing(e.shared)}) and habits {_listing(e.habits_shared)}"
+            line = f"{pos}: {len(e.shared)} shared ({_listing(e.shared)}); habits {marks(e.habits_shared)}"
             if e.habits_foreign:
-                line += f"; not the person's: {_listing(e.habits_foreign)}"
+                line += f"; not theirs {marks(e.habits_foreign)}"
             lines.append(line + ".")
-        lines.append(f"A: {ev['A'].score}, B: {ev['B'].score}. {real} is closer to the person.")
+        lines.append(f"A: {ev['A'].score}, B: {ev['B'].score}. {real} is closer.")
         return EvidenceTrace("\n".join(lines), scores, "favours_real")
     lines = [f"The person's habits in the exemplars: {_listing(person)}."]
     lines += [_evidence_line(pos, ev[pos]) for pos in ("A", "B")]

@@ -47,6 +47,7 @@ def make_parser() -> argparse.ArgumentParser:
     pipe.add_argument("recipe", help="a recipe file, e.g. recipes/demo-cpu.yaml")
     pipe.add_argument("--only", nargs="*", default=[], help="run only these stages (synth sft grpo policy eval)")
     pipe.add_argument("--workdir", default=None, help="override the recipe's workdir")
+    pipe.add_argument("--input", default=None, help="override the recipe's synth.input (the corpus to train on)")
     pipe.add_argument("--verbose", action="store_true", help="stream every stage's full output")
     return parser
 
@@ -71,7 +72,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from ..pipeline import RecipeError, run_recipe
 
         try:
-            run_recipe(args.recipe, only=args.only, verbose=args.verbose, workdir=args.workdir)
+            run_recipe(args.recipe, only=args.only, verbose=args.verbose, workdir=args.workdir,
+                       corpus=args.input)
         except RecipeError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2

@@ -290,7 +290,7 @@ class ArtefactJudge(PairwiseJudge):
         w = np.zeros(x.shape[1])
         lr = 0.5
         for _ in range(self.steps):
-            p = 1.0 / (1.0 + np.exp(-(x @ w)))
+            p = 0.5 * (1.0 + np.tanh(0.5 * (x @ w)))  # the logistic function, without overflow
             grad = x.T @ (p - y) / len(y) + self.l2 * w / len(y)
             w -= lr * grad
         self._weights = dict(zip(names, w.tolist()))
@@ -348,6 +348,93 @@ def shortcut_report(rows: Sequence[dict[str, Any]], *, fit_split: str = "train")
             table[ntype] = {"n": len(rs), **acc}
         out[split] = table
     return out
+
+
+# --------------------------------------------------------------------------- likelihood judges
+
+@dataclass
+class LikelihoodJudge(PairwiseJudge):
+    """What a language model already knows, read from its likelihoods; nothing is generated.
+
+    ``mode="gain"`` (judge ``likelihood``): each candidate is scored by how much the exemplars
+    raise its mean token log-probability,
+    ``mean log p(c | exemplars, prompt) - mean log p(c | prompt)``; the text the person's own
+    writing makes more predictable wins. ``mode="fluency"`` (judge ``fluency``): plain mean
+    log-probability given the prompt alone, no exemplars: a type that fluency separates tests
+    language quality, not the person. Both are position-free (each candidate is scored on its
+    own), so their position consistency is 100% by construction.
+    """
+
+    model_path: str = ""
+    mode: str = "gain"
+    batch_size: int = 8
+    max_context_tokens: int = 768
+    name: str = "likelihood"
+    _scores: dict[tuple[str, str], float] = field(default_factory=dict, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("gain", "fluency"):
+            raise ValueError(f"mode must be 'gain' or 'fluency', got {self.mode!r}")
+        if self.mode == "fluency" and self.name == "likelihood":
+            self.name = "fluency"
+
+    def identity(self) -> dict[str, Any]:
+        rule = ("mean log p(candidate | exemplars, prompt) - mean log p(candidate | prompt)" if self.mode == "gain"
+                else "mean log p(candidate | prompt), no exemplars")
+        return {"name": self.name, "model": self.model_path, "rule": rule}
+
+    @staticmethod
+    def contexts(record: PairRecord) -> tuple[str, str]:
+        """``(with exemplars, without)``: the texts each candidate is scored after."""
+        plain = record.prompt.strip() + "\n\n"
+        return "\n\n".join(e.strip() for e in record.exemplars) + "\n\n" + plain, plain
+
+    def prepare(self, records: Sequence[PairRecord]) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(self.model_path)
+        model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=torch.float32).eval()
+        jobs: list[tuple[tuple[str, str], str, list[int], list[int]]] = []
+        seen: set[tuple[str, str]] = set()
+        for r in records:
+            with_ex, plain = self.contexts(r)
+            for which, text in (("chosen", r.chosen), ("rejected", r.rejected)):
+                if (r.id, which) in seen:
+                    continue
+                seen.add((r.id, which))
+                cand = tok(" " + text.strip(), add_special_tokens=False)["input_ids"]
+                for cond, ctx in (("with", with_ex), ("without", plain)):
+                    if cond == "with" and self.mode == "fluency":
+                        continue
+                    ids = tok(ctx, add_special_tokens=False)["input_ids"][-self.max_context_tokens:]
+                    jobs.append(((r.id, which), cond, ids, cand))
+        means: dict[tuple[tuple[str, str], str], float] = {}
+        jobs.sort(key=lambda j: len(j[2]) + len(j[3]))
+        pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+        with torch.no_grad():
+            for start in range(0, len(jobs), self.batch_size):
+                batch = jobs[start:start + self.batch_size]
+                width = max(len(c) + len(x) for _, _, c, x in batch)
+                ids = torch.full((len(batch), width), pad, dtype=torch.long)
+                mask = torch.zeros((len(batch), width), dtype=torch.long)
+                for i, (_, _, ctx, cand) in enumerate(batch):
+                    seq = ctx + cand
+                    ids[i, :len(seq)] = torch.tensor(seq)
+                    mask[i, :len(seq)] = 1
+                logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), dim=-1)
+                for i, (key, cond, ctx, cand) in enumerate(batch):
+                    n0 = len(ctx)
+                    steps = logp[i, n0 - 1:n0 - 1 + len(cand)]
+                    token_lp = steps.gather(1, torch.tensor(cand).unsqueeze(1)).squeeze(1)
+                    means[(key, cond)] = float(token_lp.mean())
+        for key in seen:
+            plain = means[(key, "without")]
+            self._scores[key] = plain if self.mode == "fluency" else means[(key, "with")] - plain
+
+    def score(self, record: PairRecord, position: str) -> Outcome:
+        real, fake = self._scores[(record.id, "chosen")], self._scores[(record.id, "rejected")]
+        return (real, fake) if position == "A" else (fake, real)
 
 
 # --------------------------------------------------------------------------- model judge
