@@ -314,11 +314,18 @@ class Pipeline:
                 argv += ["--judge", judge, "--model", str(base)]
             else:
                 argv += ["--judge", judge]
+            metrics.append(str(run_dir / "metrics.json"))
+            # A judge already evaluated with the same command is not judged again (resume after a crash;
+            # `persrm eval` writes metrics.json last, atomically).
+            stamp = run_dir / "argv.json"
+            if (run_dir / "metrics.json").exists() and stamp.exists() and json.loads(stamp.read_text()) == argv:
+                print(f"   eval: {judge} (complete, skipped)", flush=True)
+                continue
             print(f"   eval: {judge}", flush=True)
             rc = eval_main(argv)
             if rc != 0:
                 raise RuntimeError(f"persrm eval {judge} failed (exit {rc})")
-            metrics.append(str(run_dir / "metrics.json"))
+            stamp.write_text(json.dumps(argv))
         if spec.curve:
             self._run_curve(spec, out / "curve")
         table = compare(metrics, str(out / "compare.png"), str(out / "compare.md"))
