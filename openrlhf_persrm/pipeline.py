@@ -146,8 +146,15 @@ class Stage:
 class Pipeline:
     """Plans and runs a recipe's stages; see the module docstring."""
 
-    def __init__(self, recipe: Recipe, *, python: str = sys.executable, verbose: bool = False):
+    def __init__(self, recipe: Recipe, *, python: str = sys.executable, verbose: bool = False,
+                 judges: Sequence[str] | None = None):
         self.r = recipe
+        self.judges = list(judges) if judges is not None else None
+        if self.judges is not None and recipe.eval is not None:
+            unknown = [j for j in self.judges if j not in recipe.eval.judges + ["curve"]]
+            if unknown:
+                raise RecipeError(f"--judges {unknown}: not in the recipe's eval.judges {recipe.eval.judges} "
+                                  "(or 'curve')")
         self.python = python
         self.verbose = verbose
         self.work = Path(recipe.workdir).absolute()
@@ -236,8 +243,11 @@ class Pipeline:
                                                       seconds=round(time.time() - t0, 1))
                 self._save_manifest(manifest)
                 raise
-            manifest["stages"][stage.name].update(status="done", seconds=round(time.time() - t0, 1),
-                                                  outputs=stage.outputs, argv=argv)
+            partial = stage.name == "eval" and self.judges is not None and not set(
+                self.r.eval.judges + ["curve"]) <= set(self.judges)
+            manifest["stages"][stage.name].update(status="partial" if partial else "done",
+                                                  seconds=round(time.time() - t0, 1), outputs=stage.outputs,
+                                                  argv=argv, **({"judges": self.judges} if partial else {}))
             self._save_manifest(manifest)
             print(f"   {stage.name} done in {time.time() - t0:.0f} s", flush=True)
         manifest["finished"] = time.time()
@@ -297,8 +307,13 @@ class Pipeline:
         out = self.work / "eval"
         models = {"base": base, "sft": str(self.work / "sft"), "grpo": str(self.work / "grpo")}
         metrics = []
+        selected = self.judges if self.judges is not None else spec.judges + ["curve"]
         for judge in spec.judges:
             run_dir = out / judge
+            if judge not in selected:
+                if (run_dir / "metrics.json").exists():
+                    metrics.append(str(run_dir / "metrics.json"))
+                continue
             argv = ["--pairs", str(self.data / "pairs.jsonl"), "--out", str(run_dir), "--seed", str(self.r.seed),
                     "--label", {"base": f"untrained ({self.r.model})", "sft": "PersRM SFT",
                                 "grpo": "PersRM SFT+GRPO"}.get(judge, judge)]
@@ -326,7 +341,7 @@ class Pipeline:
             if rc != 0:
                 raise RuntimeError(f"persrm eval {judge} failed (exit {rc})")
             stamp.write_text(json.dumps(argv))
-        if spec.curve:
+        if spec.curve and "curve" in selected:
             self._run_curve(spec, out / "curve")
         table = compare(metrics, str(out / "compare.png"), str(out / "compare.md"))
         print(table, flush=True)
@@ -392,10 +407,10 @@ class Pipeline:
 
 
 def run_recipe(path: str, *, only: Sequence[str] = (), verbose: bool = False, workdir: str | None = None,
-               corpus: str | None = None) -> dict:
+               corpus: str | None = None, judges: Sequence[str] | None = None) -> dict:
     recipe = Recipe.load(path)
     if workdir:
         recipe.workdir = workdir
     if corpus:
         recipe.synth["input"] = os.path.abspath(corpus) if corpus != "demo" else corpus
-    return Pipeline(recipe, verbose=verbose).run(only)
+    return Pipeline(recipe, verbose=verbose, judges=judges).run(only)

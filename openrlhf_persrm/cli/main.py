@@ -48,6 +48,8 @@ def make_parser() -> argparse.ArgumentParser:
     pipe.add_argument("--only", nargs="*", default=[], help="run only these stages (synth sft grpo policy eval)")
     pipe.add_argument("--workdir", default=None, help="override the recipe's workdir")
     pipe.add_argument("--input", default=None, help="override the recipe's synth.input (the corpus to train on)")
+    pipe.add_argument("--judges", nargs="*", default=None,
+                      help="eval stage: judge only these of the recipe's eval.judges (the others are left as they are)")
     pipe.add_argument("--verbose", action="store_true", help="stream every stage's full output")
     return parser
 
@@ -73,7 +75,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         try:
             run_recipe(args.recipe, only=args.only, verbose=args.verbose, workdir=args.workdir,
-                       corpus=args.input)
+                       corpus=args.input, judges=args.judges)
         except RecipeError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
