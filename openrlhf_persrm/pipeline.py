@@ -53,12 +53,17 @@ class EvalSpec:
     #: Learning curve: every saved SFT/GRPO checkpoint judged on {split, limit} (both orders), e.g.
     #: {"split": "validation", "limit": 40}; None: no curve.
     curve: dict[str, Any] | None = None
+    #: Per-judge pair limits that override ``limit``, e.g. {"base": 50} for a slow untrained judge.
+    judge_limits: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         known = BASELINE_JUDGES + LIKELIHOOD_JUDGES + MODEL_JUDGES
         bad = [j for j in self.judges if j not in known]
         if bad:
             raise RecipeError(f"eval.judges: unknown {bad}; choose from {list(known)}")
+        unknown = sorted(set(self.judge_limits) - set(self.judges))
+        if unknown:
+            raise RecipeError(f"eval.judge_limits names {unknown}, which are not in eval.judges")
         if self.curve is not None:
             unknown = sorted(set(self.curve) - {"split", "limit"})
             if unknown or not self.curve.get("split"):
@@ -319,8 +324,9 @@ class Pipeline:
                                 "grpo": "PersRM SFT+GRPO"}.get(judge, judge)]
             if spec.split:
                 argv += ["--split", spec.split]
-            if spec.limit:
-                argv += ["--limit", str(spec.limit)]
+            limit = spec.judge_limits.get(judge, spec.limit)
+            if limit:
+                argv += ["--limit", str(limit)]
             if spec.both_orders:
                 argv += ["--both_orders"]
             if judge in MODEL_JUDGES:
