@@ -424,3 +424,32 @@ def test_load_weights_changes_what_the_engine_generates(model_path, other_model_
         eng.shutdown()
     assert _tokens(after) != _tokens(before)
     assert _tokens(after) == [[_greedy_reference(other, p, 12)] for p in prompts]
+
+
+def test_grouped_query_attention_without_repeating_kv_heads_is_bit_identical(model_path):
+    """The engine's SDPA path hands grouped KV heads to torch as they are (no per-step copy of
+    the cache per query head); logits over a left-padded prefill and cached decoding steps equal
+    transformers' own SDPA path exactly."""
+    from openrlhf_persrm.cpu.engine import GQA_SDPA
+    from transformers import AutoModelForCausalLM, DynamicCache
+
+    eng = BatchedEngine.from_pretrained(model_path)
+    eng.shutdown()
+    reference = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32, attn_implementation="sdpa")
+    config = eng.model.config
+    assert config.num_key_value_heads < config.num_attention_heads  # the tiny model groups its heads
+    assert config._attn_implementation == GQA_SDPA and reference.config._attn_implementation == "sdpa"
+    input_ids = torch.tensor([[0, 0, 0, 5, 9, 14, 7], [3, 8, 2, 11, 6, 4, 10]])
+    mask = (torch.arange(7) >= torch.tensor([[3], [0]])).long()
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    results = []
+    for model in (eng.model, reference):
+        cache, ids, m, pos, logits = DynamicCache(config=model.config), input_ids, mask, positions, []
+        with torch.no_grad():
+            for _ in range(4):
+                out = model(input_ids=ids, attention_mask=m, position_ids=pos, past_key_values=cache, use_cache=True)
+                logits.append(out.logits[:, -1])
+                ids, pos = out.logits[:, -1].argmax(-1, keepdim=True), pos[:, -1:] + 1
+                m = torch.cat([m, torch.ones(2, 1, dtype=m.dtype)], dim=1)
+        results.append(torch.stack(logits))
+    assert torch.equal(results[0], results[1])

@@ -161,6 +161,7 @@ class BatchedEngine:
         # remove_duplicate=False: a tied lm_head stays addressable under both names.
         self._params = dict(model.named_parameters(remove_duplicate=False))
         self._check_cache_layout()
+        _use_gqa_sdpa(self.model)
 
         self._seed_rng = random.Random(seed)
         self._cond = threading.Condition()
@@ -599,6 +600,55 @@ class BatchedEngine:
             raise ValueError(
                 f"the CPU engine batches plain full-attention KV caches only; this model uses {sorted(odd)}"
             )
+
+
+#: The attention implementation the engine gives SDPA models with grouped-query attention.
+GQA_SDPA = "persrm_cpu_sdpa_gqa"
+
+
+def _use_gqa_sdpa(model: Any) -> None:
+    """Switch an SDPA model with grouped-query attention to :data:`GQA_SDPA`.
+
+    With a padding mask (the engine always has one) transformers' SDPA path repeats every KV
+    head for each query head it serves (``repeat_kv``), copying the whole cache in every layer
+    at every step; torch's CPU kernel takes the grouped heads as they are (``enable_gqa``),
+    with the same result bit for bit. Other models, and other implementations, are left alone.
+    """
+    config = model.config
+    heads, kv_heads = getattr(config, "num_attention_heads", 0), getattr(config, "num_key_value_heads", None)
+    if getattr(config, "_attn_implementation", None) != "sdpa" or not kv_heads or heads == kv_heads:
+        return
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    AttentionInterface.register(GQA_SDPA, _sdpa_gqa_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(GQA_SDPA, sdpa_mask)
+    model.set_attn_implementation(GQA_SDPA)
+
+
+def _sdpa_gqa_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
+    """transformers' ``sdpa_attention_forward``, except that a masked grouped-query call on CPU
+    passes ``enable_gqa=True`` instead of repeating the KV heads (where the mask is None,
+    transformers already does that; anything unusual goes to transformers unchanged)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    groups = getattr(module, "num_key_value_groups", 1)
+    if (
+        attention_mask is None
+        or groups <= 1
+        or query.device.type != "cpu"
+        or kwargs.get("position_bias") is not None
+        or kwargs.get("output_attentions", False)
+        or key.shape[-1] != value.shape[-1]
+    ):
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
+        )
+    # With a mask, transformers passes is_causal=False too: the mask carries causality.
+    out = F.scaled_dot_product_attention(
+        query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling, is_causal=False, enable_gqa=True
+    )
+    return out.transpose(1, 2).contiguous(), None
 
 
 def _eos_token_ids(model: Any, tokenizer: Any) -> frozenset[int]:
