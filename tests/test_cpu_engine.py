@@ -178,6 +178,15 @@ def test_seeded_sampling_is_reproducible_and_independent_of_batching(engine, pro
     assert [o.token_ids for o in engine.generate([prompts[0]], other_seed)[0]] != [o.token_ids for o in alone]
 
 
+def test_engine_does_not_import_the_standin():
+    """The engine needs only the plain vLLM types; the stand-in imports the engine, not back."""
+    import subprocess
+
+    code = "import sys, openrlhf_persrm.cpu.engine; print('openrlhf_persrm.cpu.vllm_standin' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
 def test_bad_sampling_params_are_refused():
     with pytest.raises(ValueError, match="repetition_penalty"):
         SamplingParams(repetition_penalty=1.2)

@@ -12,7 +12,7 @@ running sequence can still need). Positions are passed explicitly and padding is
 sequence's tokens do not depend on what it was batched with (up to float rounding; the model
 runs in float32).
 
-Sampling follows vLLM (see :class:`~openrlhf_persrm.cpu.vllm_standin.SamplingParams`).
+Sampling follows vLLM (see :class:`~openrlhf_persrm.cpu.vllm_types.SamplingParams`).
 Returned logprobs follow vLLM's ``logprobs_mode``: ``raw_logprobs`` (vLLM's default) is the
 log-softmax of the model's logits before temperature, top-k/top-p and ``min_tokens`` masking;
 ``processed_logprobs`` (what OpenRLHF 0.11.2 asks for whenever it uses rollout logprobs, i.e.
@@ -39,7 +39,7 @@ from typing import Any, Iterable, Sequence
 import torch
 import torch.nn.functional as F
 
-from openrlhf_persrm.cpu.vllm_standin import (
+from openrlhf_persrm.cpu.vllm_types import (
     LOGPROBS_MODES,
     CompletionOutput,
     Logprob,
