@@ -51,7 +51,7 @@ class BenchConfig:
     prompt_words: int = 0  # extra words of context in each prompt (longer prompts: more KV to attend to)
     seed: int = 0
     threads: int = 1  # torch intra-op threads, the same for every mode (CPU seconds assume 1)
-    repeats: int = 3
+    repeats: int = 5
 
     def __post_init__(self) -> None:
         if self.max_tokens < 2:
