@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import logging
 import sys
 import types
 import typing
@@ -107,8 +106,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     parser = make_parser()
     ns = parser.parse_args(argv)
-    logging.basicConfig(level=getattr(logging, str(ns.log_level).upper(), logging.WARNING),
-                        format="%(levelname)s %(name)s: %(message)s")
+    from openrlhf_persrm.logs import setup_logging
+
+    try:
+        setup_logging("persrm synth", ns.log_level)
+    except ValueError as exc:
+        parser.error(str(exc))
     try:
         cfg = config_from_args(ns)
     except ValueError as exc:
