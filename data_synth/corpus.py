@@ -7,9 +7,12 @@ Two input schemas, one per line, plain or gzip-compressed (``.gz``, or gzip magi
 * per-user: ``{"user": str, "text": str}``; each user's lines become one work, in file
   order, so "neighbouring paragraphs" means neighbouring lines.
 
-Every line is validated; a bad line raises :class:`CorpusFormatError` naming the file,
-the line, the field and what was expected. Exact duplicate texts of one author are
-dropped (and counted), so no paragraph can appear twice.
+Every line is validated; a bad line (bad JSON, nesting too deep to read, not UTF-8, a
+missing or mistyped field, a damaged gzip stream) raises :class:`CorpusFormatError` naming
+the file, the line, the field and what was expected. Names become path-safe ids
+("Ann Lee" -> ``Ann_Lee``); two spellings that become one id ("Ann Lee", "Ann/Lee") are
+refused with both spellings and their lines, never merged. Exact duplicate texts of one
+author are dropped (and counted), so no paragraph can appear twice.
 """
 
 from __future__ import annotations

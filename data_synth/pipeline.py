@@ -7,8 +7,9 @@
 2. **Generate**: each task makes its negative (checked, retried, or rejected) and, for the
    trace splits, its teacher reasoning traces (rejection sampling). Every finished task is
    appended as one JSON line to ``<output_dir>/.work/results.jsonl``; a rerun of the same
-   command skips finished tasks, and a torn last line (the process was killed while
-   writing it) is discarded. Teacher replies are cached by request, and every random choice
+   command skips finished tasks; a torn last line (the process was killed while writing
+   it) or a corrupt line anywhere is reported and dropped, and only its task is recomputed
+   (:class:`WorkLog`). Temporary files of a write killed midway are removed. Teacher replies are cached by request, and every random choice
    is seeded by the task id, so results do not depend on timing, order or interruptions.
 3. **Assemble** (pure): results in plan order, duplicates removed, A/B positions balanced,
    files written atomically, ``manifest.json`` last.

@@ -10,6 +10,9 @@ import gzip
 import json
 import logging
 import shutil
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,6 +20,8 @@ import pytest
 from data_synth.cli import main
 from data_synth.corpus import CorpusFormatError, load_corpus
 from data_synth.pipeline import OUTPUT_FILES, WORK_DIR, WorkLog
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _row(author="a", work="w", idx=0, text=None) -> str:
@@ -195,18 +200,49 @@ def test_corrupt_middle_work_log_line_recomputes_only_its_task(full_run, tmp_pat
         assert (out / name).read_bytes() == (full / name).read_bytes(), f"{name} differs"
 
 
-def test_rerun_removes_temp_files_of_a_killed_write(full_run, tmp_path):
+# Runs `persrm synth` with os.replace patched to SIGKILL the process at the rename that would finish
+# writing one output: the kill lands exactly "during an output write", leaving that write's temp file.
+_KILL_AT_WRITE = """
+import os, signal, sys
+target, real = sys.argv[1], os.replace
+def replace(src, dst, *a, **k):
+    if str(dst).endswith(target):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(src, dst, *a, **k)
+os.replace = replace
+from data_synth.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.parametrize("target", ["sft.jsonl", "manifest.json"])
+def test_rerun_removes_temp_files_of_a_killed_write(full_run, tmp_path, target):
     full, _ = full_run
     out = tmp_path / "killed"
+    argv = [*SYNTH, "--output_dir", str(out)]
+    killed = subprocess.run([sys.executable, "-c", _KILL_AT_WRITE, target, *argv], cwd=REPO, capture_output=True)
+    assert killed.returncode == -signal.SIGKILL
+    left = sorted(p.name for p in out.iterdir() if p.name.endswith(".tmp"))
+    assert len(left) == 1 and left[0].startswith(f".{target}.")  # what the kill left behind
+    keep = [out / ".notes.tmp", out / "mine.tmp", out / f".{target}.bak"]  # not ours: left alone
+    for p in keep:
+        p.write_text("mine")
+
+    assert main(argv) == 0
+    assert sorted(p.name for p in out.iterdir() if p.name.endswith(".tmp")) == [".notes.tmp", "mine.tmp"]
+    assert all(p.exists() for p in keep)
+    assert _last_run_stats(out)["tasks_finished_now"] == 0  # the work log survived the kill
+    for name in OUTPUT_FILES:
+        assert (out / name).read_bytes() == (full / name).read_bytes(), f"{name} differs"
+
+
+def test_stale_work_dir_temp_files_are_removed(full_run, tmp_path):
+    full, _ = full_run
+    out = tmp_path / "copy"
     shutil.copytree(full, out)
-    stale = [out / ".pairs.jsonl.k3x_9q.tmp", out / ".sft.jsonl.abcd1234.tmp", out / ".manifest.json.tmp",
-             out / WORK_DIR / ".signature.json.tmp", out / WORK_DIR / ".results.jsonl.tmp"]
-    keep = [out / ".notes.tmp", out / "mine.tmp", out / ".pairs.jsonl.bak"]  # not ours: left alone
-    for p in stale + keep:
+    stale = [out / WORK_DIR / ".signature.json.tmp", out / WORK_DIR / ".results.jsonl.tmp",
+             out / ".pairs.jsonl.k3x_9q.tmp"]
+    for p in stale:
         p.write_text("partial")
     assert main([*SYNTH, "--output_dir", str(out)]) == 0
-    assert [p.name for p in stale if p.exists()] == []
-    assert all(p.exists() for p in keep)
-    assert _last_run_stats(out)["tasks_finished_now"] == 0
-    for name in OUTPUT_FILES:
-        assert (out / name).read_bytes() == (full / name).read_bytes()
+    assert not any(p.exists() for p in stale)
