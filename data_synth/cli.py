@@ -121,6 +121,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (CorpusFormatError, ValueError, TeacherFatal) as exc:
         print(f"persrm synth: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # e.g. --output_dir is a file, or a disk that is full or read-only
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"persrm synth: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 2
     except IncompleteRun as exc:
         print(f"persrm synth: incomplete: {exc}", file=sys.stderr)
         return 3

@@ -9,8 +9,9 @@
    appended as one JSON line to ``<output_dir>/.work/results.jsonl``; a rerun of the same
    command skips finished tasks; a torn last line (the process was killed while writing
    it) or a corrupt line anywhere is reported and dropped, and only its task is recomputed
-   (:class:`WorkLog`). Temporary files of a write killed midway are removed. Teacher replies are cached by request, and every random choice
-   is seeded by the task id, so results do not depend on timing, order or interruptions.
+   (:class:`WorkLog`); temporary files of a write killed midway are removed. Teacher
+   replies are cached by request, and every random choice is seeded by the task id, so
+   results do not depend on timing, order or interruptions.
 3. **Assemble** (pure): results in plan order, duplicates removed, A/B positions balanced,
    files written atomically, ``manifest.json`` last.
 """
@@ -594,7 +595,12 @@ def run_synth(cfg: SynthConfig, *, teacher: Any = None) -> dict[str, Any]:
     signature = json.loads(json.dumps(signature))  # compare as stored: tuples become lists
     sig_path = work_dir / "signature.json"
     if sig_path.exists():
-        previous = json.loads(sig_path.read_text(encoding="utf-8"))
+        try:
+            previous = json.loads(sig_path.read_text(encoding="utf-8"))
+        except (ValueError, RecursionError) as exc:  # bad JSON or bad UTF-8: not a file this code wrote
+            raise ValueError(f"{sig_path}: unreadable ({exc}); it records the settings of the run in "
+                             f"--output_dir={cfg.output_dir!r}: choose a new --output_dir, or delete "
+                             f"{work_dir} to start this one over") from None
         if previous != signature:
             changed = sorted(k for k in signature if previous.get(k) != signature[k])
             raise ValueError(f"--output_dir={cfg.output_dir!r} holds a run with different {', '.join(changed)}; "

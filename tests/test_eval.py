@@ -376,3 +376,11 @@ def test_rerun_removes_temp_files_of_a_killed_write(mixed_file, tmp_path):
     run_eval(cfg_for(mixed_file, out), echo=False)
     assert not any(p.exists() for p in stale) and keep.exists()
     assert json.loads((out / "metrics.json").read_text())["overall"]["n"] == 8
+
+
+@pytest.mark.parametrize("content", [b"{not json", b"[1, 2]", b"\xff\xfe"])
+def test_compare_names_a_file_that_is_not_metrics(tmp_path, capsys, content):
+    bad = tmp_path / "metrics.json"
+    bad.write_bytes(content)
+    assert main(["compare", str(bad), "--out", str(tmp_path / "c")]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {bad}: not a persrm eval metrics.json")

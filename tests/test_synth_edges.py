@@ -246,3 +246,14 @@ def test_stale_work_dir_temp_files_are_removed(full_run, tmp_path):
         p.write_text("partial")
     assert main([*SYNTH, "--output_dir", str(out)]) == 0
     assert not any(p.exists() for p in stale)
+
+
+def test_output_dir_that_is_a_file_or_an_unreadable_signature_is_one_clear_error(tmp_path, capsys):
+    (tmp_path / "afile").write_text("x")
+    assert main([*SYNTH, "--output_dir", str(tmp_path / "afile")]) == 2
+    assert capsys.readouterr().err.startswith(f"persrm synth: error: {tmp_path / 'afile'}")
+    (tmp_path / "o" / WORK_DIR).mkdir(parents=True)
+    (tmp_path / "o" / WORK_DIR / "signature.json").write_text("{bad")
+    assert main([*SYNTH, "--output_dir", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'o' / WORK_DIR / 'signature.json'}: unreadable" in err and "--output_dir" in err

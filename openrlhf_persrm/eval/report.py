@@ -136,9 +136,12 @@ def compare(metrics_paths: Sequence[str], out_png: str, out_md: str, *,
         raise ValueError(f"{len(labels)} labels for {len(metrics_paths)} metrics files")
     runs = []
     for i, path in enumerate(metrics_paths):
-        with open(path, encoding="utf-8") as fh:
-            m = json.load(fh)
-        if not {"overall", "by_type"} <= m.keys():
+        try:
+            with open(path, encoding="utf-8") as fh:
+                m = json.load(fh)
+        except (ValueError, RecursionError) as exc:  # bad JSON or not UTF-8
+            raise ValueError(f"{path}: not a persrm eval metrics.json ({exc})") from None
+        if not isinstance(m, dict) or not {"overall", "by_type"} <= m.keys():
             raise ValueError(f"{path}: not a persrm eval metrics.json (no 'overall'/'by_type')")
         if labels is not None:
             m["label"] = labels[i]
