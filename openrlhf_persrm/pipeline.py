@@ -303,6 +303,29 @@ class Pipeline:
             tail = log_path.read_text(encoding="utf-8", errors="replace")[-3000:]
             raise RuntimeError(f"stage {name} failed (exit {rc}); last lines of {log_path}:\n{tail}")
 
+    def eval_argv(self, judge: str, base: str | None) -> list[str]:
+        """The ``persrm eval`` command line of one of the recipe's judges."""
+        spec = self.r.eval
+        assert spec is not None
+        models = {"base": base, "sft": str(self.work / "sft"), "grpo": str(self.work / "grpo")}
+        argv = ["--pairs", str(self.data / "pairs.jsonl"), "--out", str(self.work / "eval" / judge),
+                "--seed", str(self.r.seed), "--label", {"base": f"untrained ({self.r.model})", "sft": "PersRM SFT",
+                                                        "grpo": "PersRM SFT+GRPO"}.get(judge, judge)]
+        if spec.split:
+            argv += ["--split", spec.split]
+        limit = spec.judge_limits.get(judge, spec.limit)
+        if limit:
+            argv += ["--limit", str(limit)]
+        if spec.both_orders:
+            argv += ["--both_orders"]
+        if judge in MODEL_JUDGES:
+            argv += ["--judge", "model", "--model", str(models[judge])] + _flags(spec.flags)
+        elif judge in LIKELIHOOD_JUDGES:
+            argv += ["--judge", judge, "--model", str(base)]
+        else:
+            argv += ["--judge", judge]
+        return argv
+
     def _run_eval(self, base: str | None) -> None:
         from .eval.cli import main as eval_main
         from .eval.report import compare
@@ -310,7 +333,6 @@ class Pipeline:
         spec = self.r.eval
         assert spec is not None
         out = self.work / "eval"
-        models = {"base": base, "sft": str(self.work / "sft"), "grpo": str(self.work / "grpo")}
         metrics = []
         selected = self.judges if self.judges is not None else spec.judges + ["curve"]
         for judge in spec.judges:
@@ -319,22 +341,7 @@ class Pipeline:
                 if (run_dir / "metrics.json").exists():
                     metrics.append(str(run_dir / "metrics.json"))
                 continue
-            argv = ["--pairs", str(self.data / "pairs.jsonl"), "--out", str(run_dir), "--seed", str(self.r.seed),
-                    "--label", {"base": f"untrained ({self.r.model})", "sft": "PersRM SFT",
-                                "grpo": "PersRM SFT+GRPO"}.get(judge, judge)]
-            if spec.split:
-                argv += ["--split", spec.split]
-            limit = spec.judge_limits.get(judge, spec.limit)
-            if limit:
-                argv += ["--limit", str(limit)]
-            if spec.both_orders:
-                argv += ["--both_orders"]
-            if judge in MODEL_JUDGES:
-                argv += ["--judge", "model", "--model", str(models[judge])] + _flags(spec.flags)
-            elif judge in LIKELIHOOD_JUDGES:
-                argv += ["--judge", judge, "--model", str(base)]
-            else:
-                argv += ["--judge", judge]
+            argv = self.eval_argv(judge, base)
             metrics.append(str(run_dir / "metrics.json"))
             # A judge already evaluated with the same command is not judged again (resume after a crash;
             # `persrm eval` writes metrics.json last, atomically).
