@@ -32,7 +32,7 @@ from . import __version__
 
 STAGES = ("synth", "sft", "grpo", "policy", "eval")
 MODEL_JUDGES = ("base", "sft", "grpo")
-BASELINE_JUDGES = ("random", "length", "stylometry", "artefact")
+BASELINE_JUDGES = ("random", "length", "stylometry", "artefact", "evidence")
 #: Judges that read the untrained base model's likelihoods (no generation).
 LIKELIHOOD_JUDGES = ("fluency", "likelihood")
 
