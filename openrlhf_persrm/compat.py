@@ -322,6 +322,7 @@ def install_trainer_hooks(launcher: str) -> None:
     if launcher in _HOOKS_INSTALLED:
         return
     check_openrlhf_version()
+    install_flash_attn_stub()
     if launcher == "train_ppo_ray":
         ensure_vllm_importable()
         _install_ppo_hooks()
