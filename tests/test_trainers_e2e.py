@@ -4,6 +4,7 @@ train_ppo_ray and train_sft, with the hooks installed from openrlhf_persrm.compa
 import json
 import re
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import make_pair, run_cpu_launcher, tiny_grpo_cmd, write_rows
@@ -51,14 +52,10 @@ def test_stage2_with_order_consistency_eval_and_a_third_party_plugin(tmp_path, t
 def test_policy_grpo_with_group_rewards_from_a_stub_judge(tmp_path, tiny_model):
     pairs = write_rows(tmp_path / "pairs.jsonl",
                        [make_pair(i, prompt=f"Morning {i}: Elinor walked out early.") for i in range(4)])
-    stub = f"{(tmp_path.parent / 'stub').as_posix()}"
-    import shutil
-    from pathlib import Path
-
-    Path(stub).mkdir(exist_ok=True)
-    shutil.copy(Path(__file__).with_name("_judge_stubs.py"), Path(stub) / "_judge_stubs.py")
-    config = {"backend": f"{stub}/_judge_stubs.py:StubJudge", "backend_config": {"rule": "overlap"},
-              "strategy": "all_pairs", "parse_retries": 0}
+    # The stub scores a candidate by its SCORE=n marker; a random policy writes none, so every judgment is a
+    # tie: the group rewards are all 0 and the always-on step health check must say so.
+    config = {"backend": f"{Path(__file__).with_name('_judge_stubs.py')}:StubJudge", "strategy": "all_pairs",
+              "parse_retries": 0}
     cmd = tiny_grpo_cmd(tmp_path, tiny_model, pairs, "--dataset_plugin", "persrm_policy",
                         "--trainer_plugin", "persrm_group", "--trainer_plugin_config", json.dumps(config),
                         "--data.max_len", "1024")
@@ -70,8 +67,8 @@ def test_policy_grpo_with_group_rewards_from_a_stub_judge(tmp_path, tiny_model):
     for logs in steps.values():
         assert logs["group_judgments"] == 2 * 2 * 6  # 2 prompts x all 6 pairs of 4 samples x both orders
         assert logs["group_judge_failed"] == 0.0
-        assert -1.0 <= logs["reward"] <= 1.0
-    assert any(logs["rollout/reward_std"] > 0 for logs in steps.values())  # the judge separated samples
+        assert logs["reward"] == 0.0
+    assert re.search(r"step 1: every prompt group got identical rewards: .* advantages are all zero", log), log[-3000:]
 
 
 @pytest.mark.slow
