@@ -10,7 +10,10 @@ under ``if __name__ == "__main__":``. To extend it without copying it, this modu
 * runs the launcher's ``__main__`` unmodified with a rewritten ``sys.argv``
   (:func:`run_launcher`);
 * holds the CPU shims that let ``train_sft`` run on DeepSpeed's CPU accelerator
-  (:func:`apply_cpu_shims`) and the upstream Ray environment defaults (:data:`RAY_ENV_DEFAULTS`).
+  (:func:`apply_cpu_shims`) and the upstream Ray environment defaults (:data:`RAY_ENV_DEFAULTS`);
+* puts subclasses of OpenRLHF's ``PPOTrainer`` and ``SFTTrainer`` in their modules before the
+  launcher runs, which call the trainer plugins' hooks and the GRPO step health check
+  (:func:`install_trainer_hooks`).
 
 ``tests/test_compat.py`` pins each of these facts so an OpenRLHF upgrade fails loudly there.
 """

@@ -23,6 +23,7 @@ import importlib
 import importlib.util
 import inspect
 import os
+import sys
 import threading
 from importlib.metadata import entry_points
 from typing import Any, Callable, Generic, TypeVar
@@ -149,9 +150,12 @@ def _load_from_file(path: str, attr: str | None, kind: str) -> Any:
     mod_name = "_persrm_plugin_" + os.path.splitext(os.path.basename(path))[0]
     spec = importlib.util.spec_from_file_location(mod_name, path)
     module = importlib.util.module_from_spec(spec)
+    # In sys.modules while it runs, as an import would be: dataclasses (and pickling) look the module up there.
+    sys.modules[mod_name] = module
     try:
         spec.loader.exec_module(module)
     except Exception as exc:
+        sys.modules.pop(mod_name, None)
         raise PluginError(f"{kind} plugin file {path!r} failed to import: {type(exc).__name__}: {exc}") from exc
     if attr:
         if not hasattr(module, attr):

@@ -53,6 +53,16 @@ def test_resolves_dotted_paths_and_files(tmp_path):
     assert HookRunner([plugin], "rl").rollout_step(step).rewards == [3.0]
 
 
+
+def test_a_dataclass_judge_backend_loads_from_a_file():
+    from pathlib import Path
+
+    from openrlhf_persrm.registry import judge_backends
+
+    stub = instantiate(judge_backends, f"{Path(__file__).with_name('_judge_stubs.py')}:StubJudge", {"bias_a": 1})
+    assert stub.bias_a == 1 and type(stub).__name__ == "StubJudge"
+
+
 class _Misspelt(TrainerPlugin):
     def on_rollout_stpe(self, *, step):
         return None
