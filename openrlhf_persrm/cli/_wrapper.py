@@ -10,6 +10,10 @@ OpenRLHF's own parser, see :func:`openrlhf_persrm.compat.launcher_parser`) plus:
 ``--reward_plugin NAME`` / ``--reward_plugin_config JSON`` (``train_ppo_ray`` only)
     points ``--reward.remote_url`` at the installed entry file and passes the plugin's name
     and configuration to every Ray worker through environment variables;
+``--trainer_plugin NAME[,NAME...]`` / ``--trainer_plugin_config JSON``
+    trainer plugins (hooks into OpenRLHF's training loop, see
+    :class:`openrlhf_persrm.contracts.TrainerPlugin`); their names and configuration reach the
+    process that runs the loop (every Ray worker for ``train_ppo_ray``) through environment variables;
 ``--cpu``
     runs on CPU (also chosen automatically, with a log line, when no GPU is visible).
 """
@@ -54,6 +58,12 @@ def plugin_parser(launcher: str, *, reward: bool) -> argparse.ArgumentParser:
                             "as --reward.remote_url; its settings reach every Ray worker")
         g.add_argument("--reward_plugin_config", default=None, metavar="JSON",
                        help="JSON object (or @file.json) of keyword arguments for the reward plugin")
+    g.add_argument("--trainer_plugin", default=None, metavar="NAME[,NAME...]",
+                   help="trainer plugins (persrm_eval, persrm_order_consistency, persrm_group, pkg.mod:Class or "
+                        "file.py), comma-separated; their hooks run in OpenRLHF's training loop")
+    g.add_argument("--trainer_plugin_config", default=None, metavar="JSON",
+                   help="JSON object (or @file.json) of keyword arguments for the trainer plugin; with several "
+                        "plugins, one object per plugin keyed by its name")
     g.add_argument("--cpu", action="store_true",
                    help="run on CPU (chosen automatically when no GPU is visible)")
     g.add_argument("--persrm.cache_dir", dest="cache_dir", default=DEFAULT_CACHE_DIR, metavar="DIR",
@@ -170,6 +180,56 @@ def convert_datasets(plugin_name: str, config: dict[str, Any], stage: str, ns: d
             raise WrapperError(f"{flag} {given!r} conflicts with --dataset_plugin {plugin_name}, which writes "
                                f"rows for {flag} {value!r}; drop {flag}")
         argv.set(flag, value)
+
+
+def prepare_trainer_plugins(specs: str | None, raw_config: str | None, stage: str,
+                            ns: dict[str, Any]) -> tuple[dict[str, str], list[Any]]:
+    """Check ``--trainer_plugin`` / ``--trainer_plugin_config`` here, before any worker starts; return the
+    environment variables that carry them to the training loop, and the plugins."""
+    from ..trainers.hooks import ENV_CONFIG, ENV_PLUGINS, configs_for, load_plugins, split_specs
+
+    names = split_specs(specs)
+    if not names:
+        if raw_config:
+            raise WrapperError("--trainer_plugin_config needs --trainer_plugin")
+        return {}, []
+    config = load_json_config(raw_config, "--trainer_plugin_config")
+    try:
+        plugins = load_plugins(names, config, stage)
+    except (TypeError, LookupError) as exc:
+        raise WrapperError(f"--trainer_plugin: {exc}") from None
+    # Relative file paths in a configuration mean files where the launcher starts, not in a worker.
+    if len(names) == 1:
+        config = _absolute_paths(configs_for(names, config)[0])
+    else:
+        config = {n: _absolute_paths(c) for n, c in zip(names, configs_for(names, config))}
+    if stage == "rl":
+        if ns.get("train.async_enable"):
+            raise WrapperError("--trainer_plugin needs the synchronous PPO trainer; drop --train.async_enable")
+        if any(type(p).twin_key is not _base_twin_key() for p in plugins):
+            batch = int(ns.get("rollout.batch_size") or 0)
+            if batch % 2:
+                raise WrapperError(f"--rollout.batch_size {batch}: --trainer_plugin {specs} keeps both orders of a "
+                                   "pair in one step; use an even --rollout.batch_size")
+            if ns.get("algo.dynamic_filtering_enable"):
+                raise WrapperError(f"--algo.dynamic_filtering_enable drops prompts one by one and would split pairs "
+                                   f"that --trainer_plugin {specs} keeps together; drop it")
+            gen = ns.get("rollout.vllm_generate_batch_size")
+            if gen and int(gen) != batch:
+                raise WrapperError(f"--rollout.vllm_generate_batch_size {gen}: with --trainer_plugin {specs} it must "
+                                   f"equal --rollout.batch_size ({batch}) so that pairs stay in one step")
+    return {ENV_PLUGINS: ",".join(names), ENV_CONFIG: json.dumps(config)}, plugins
+
+
+def _base_twin_key() -> Any:
+    from ..contracts import TrainerPlugin
+
+    return TrainerPlugin.twin_key
+
+
+def _absolute_paths(config: dict[str, Any]) -> dict[str, Any]:
+    return {k: (os.path.abspath(v) if isinstance(v, str) and v and not os.path.isabs(v) and os.path.isfile(v)
+                else v) for k, v in config.items()}
 
 
 def check_reparse(parser: argparse.ArgumentParser, argv: Argv) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from ._wrapper import (Argv, WrapperError, check_reparse, convert_datasets, load_json_config, logger,
-                       namespace_dict, plugin_parser, wrapper_main)
+                       namespace_dict, plugin_parser, prepare_trainer_plugins, wrapper_main)
 
 LAUNCHER = "train_ppo_ray"
 
@@ -94,6 +94,20 @@ def prepare(argv: Sequence[str]) -> Prepared:
     elif ours.reward_plugin_config:
         raise WrapperError("--reward_plugin_config needs --reward_plugin")
 
+    trainer_env, trainer_plugins = prepare_trainer_plugins(ours.trainer_plugin, ours.trainer_plugin_config, "rl", ns)
+    env.update(trainer_env)
+    providers = [p.name for p in trainer_plugins if getattr(p, "provides_rewards", False)]
+    if providers and not (ours.reward_plugin or out.given("--reward.remote_url")
+                          or ns.get("reward.model_name_or_path")):
+        # OpenRLHF needs a per-sample reward; the trainer plugin replaces it before advantages.
+        from ..trainers.hooks import PENDING_REWARD
+
+        out.set("--reward.remote_url", reward_entry_file())
+        env["PERSRM_REWARD_PLUGIN"] = PENDING_REWARD
+        env["PERSRM_REWARD_CONFIG"] = "{}"
+        logger.info("trainer plugin %s sets the rewards; OpenRLHF's per-sample reward is a placeholder (0)",
+                    ", ".join(providers))
+
     if cpu:
         from ..cpu.mode import check_flags
 
@@ -124,6 +138,8 @@ def run(prep: Prepared) -> int:
     from .. import compat
 
     os.environ.update(prep.env)
+    # Trainer plugins and the step health check run inside OpenRLHF's PPO trainer actor.
+    compat.install_trainer_hooks(LAUNCHER)
     if prep.cpu:
         from ..cpu import mode as cpu_mode
 
