@@ -86,7 +86,7 @@ def test_bad_labels_are_per_sample_not_per_request(stub_server):
                                                      "prompts": [PROMPT, PROMPT], "labels": [label(), "nonsense"]})
     out = response.json()
     assert response.status_code == 200 and out["extra_logs"]["bad_label"] == [0.0, 1.0]
-    assert out["rewards"][1] == 0.0
+    assert out["rewards"][1] == -1.0  # the failure reward, no better than the worst judged score
 
 
 def test_bearer_token():
@@ -101,7 +101,7 @@ def test_bearer_token():
         assert httpx.get(url + "/health").status_code == 200
 
 
-def test_judge_timeouts_give_the_neutral_reward_and_the_server_keeps_serving():
+def test_judge_timeouts_give_the_failure_reward_and_the_server_keeps_serving():
     # The served judge (a fake vLLM) stalls on every first attempt; the backend gives up after 0.3 s.
     with FakeOpenAIServer(slow_rate=1.0, slow_seconds=3.0, model="persrm") as judge_server:
         reward = PersRMReward(endpoint=judge_server.base_url, served_model="persrm", timeout=0.3,
@@ -112,7 +112,9 @@ def test_judge_timeouts_give_the_neutral_reward_and_the_server_keeps_serving():
             assert time.perf_counter() - start < 3.0
             assert info["rewards"] == [-0.5] and info["scores"] == [0.25]
             assert info["extra_logs"]["judge_failed"] == [1.0] and info["extra_logs"]["judge_errors"] == [2.0]
-            assert httpx.get(url + "/health").json()["status"] == "ok"
+            assert info["extra_logs"]["judge_fail_timeout"] == [2.0]
+            health = httpx.get(url + "/health").json()
+            assert health["status"] in ("ok", "degraded") and health["judge"]["failures"] == {"timeout": 2}
         reward.judge.close()
 
 
@@ -162,12 +164,12 @@ def test_concurrent_http_requests_share_the_local_judges_batches(tiny_model):
 
 
 def test_command_line():
-    args = make_parser().parse_args(["--port", "0", "--token", "t", "--reward_config", '{"mode": "win_rate"}',
+    args = make_parser().parse_args(["--port", "0", "--reward_config", '{"mode": "win_rate"}',
                                      "--reward.endpoint", "http://127.0.0.1:8000", "--reward.votes", "3",
                                      "--reward.temperature", "0.7", "--reward.require_reasoning", "false",
                                      "--reward.backend_config", '{"concurrency": 8}'])
     cfg, reward = config_from_args(args)
-    assert cfg.host == "127.0.0.1" and cfg.token == "t"
+    assert cfg.host == "127.0.0.1" and cfg.token == ""
     assert reward == {"mode": "win_rate", "endpoint": "http://127.0.0.1:8000", "votes": 3, "temperature": 0.7,
                       "require_reasoning": False, "backend_config": {"concurrency": 8}}
     assert PersRMReward(**reward).backend_config == {"concurrency": 8}
