@@ -231,6 +231,8 @@ def make_app(reward: Any, cfg: ServeConfig | None = None) -> Any:
         headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
         if status in (429, 503):
             headers = {"Retry-After": "5"}
+        if status in (408, 413):  # the rest of the body is not read: do not keep the connection
+            headers = {"Connection": "close"}
         return JSONResponse({"detail": message}, status_code=status, headers=headers)
 
     async def read_body(request: Request) -> bytes:
