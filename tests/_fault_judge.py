@@ -63,6 +63,7 @@ class FaultJudge:
         self.models_fault = models_fault
         self.stats: Counter = Counter()
         self.bodies: list[dict] = []
+        self.auth: list[str | None] = []  # the Authorization header of every request
         self.port = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server: asyncio.AbstractServer | None = None
@@ -92,6 +93,7 @@ class FaultJudge:
                 method, path, _ = lines[0].split(" ", 2)
                 headers = {k.strip().lower(): v.strip() for k, v in (ln.split(":", 1) for ln in lines[1:] if ":" in ln)}
                 body = await reader.readexactly(int(headers.get("content-length", "0")))
+                self.auth.append(headers.get("authorization"))
                 await self._route(method, path, body, reader, writer)
         except (asyncio.IncompleteReadError, ConnectionError, asyncio.LimitOverrunError, asyncio.CancelledError):
             pass
