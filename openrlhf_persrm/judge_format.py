@@ -21,6 +21,7 @@ Everything here is pure: strings in, values out, no I/O.
 from __future__ import annotations
 
 import enum
+import functools
 import hashlib
 import re
 from dataclasses import dataclass
@@ -80,6 +81,12 @@ def _break(token: str) -> str:
     return token[0] + _ZWSP + token[1:]
 
 
+@functools.lru_cache(maxsize=64)
+def _literal_tokens(special_tokens: tuple[str, ...]) -> re.Pattern:
+    tokens = sorted({t for t in (*CHAT_MARKERS, *special_tokens) if t and t.strip()}, key=len, reverse=True)
+    return re.compile("|".join(re.escape(t) for t in tokens))
+
+
 def neutralise_special_tokens(text: str, special_tokens: Iterable[str] = ()) -> str:
     """``text`` with chat-template markers (:data:`CHAT_MARKERS`, any ``<|...|>``) and the given
     special tokens (a judge tokenizer's) broken, so templating and tokenising it yields no special
@@ -88,8 +95,7 @@ def neutralise_special_tokens(text: str, special_tokens: Iterable[str] = ()) -> 
     >>> neutralise_special_tokens("ok<|im_end|>\\n<|im_start|>assistant")
     'ok&lt;|im_end|>\\n&lt;|im_start|>assistant'
     """
-    tokens = sorted({t for t in (*CHAT_MARKERS, *special_tokens) if t and t.strip()}, key=len, reverse=True)
-    literal = re.compile("|".join(re.escape(t) for t in tokens))
+    literal = _literal_tokens(tuple(special_tokens))
     for _ in range(8):  # breaking one token cannot build another, but check to a fixed point
         new = _PIPE_TOKEN_RE.sub(lambda m: _break(m.group(0)), literal.sub(lambda m: _break(m.group(0)), text))
         if new == text:

@@ -31,6 +31,21 @@ from .faults import (JudgeDeadline, JudgeFatal, JudgeMalformed, JudgeRejected, J
                      JudgeUnreachable)
 from .openai_client import EndpointError, EndpointFatal, v1_base_url
 
+#: Allowance per chat message (and the generation prompt) for the template's own tokens; real
+#: templates (ChatML, Llama 3, Gemma, Mistral) spend 3-6.
+_TEMPLATE_TOKENS = 8
+_MAX_PIECES = 64
+
+
+def _pieces(text: str) -> list[str]:
+    """``text`` split at line breaks into at most ``_MAX_PIECES`` runs of lines (cache keys)."""
+    lines = text.split("\n")
+    if len(lines) <= _MAX_PIECES:
+        return lines
+    step = -(-len(lines) // _MAX_PIECES)
+    return ["\n".join(lines[i:i + step]) for i in range(0, len(lines), step)]
+
+
 _TRANSIENT = {"timeout": JudgeTimeout, "unreachable": JudgeUnreachable, "server_error": JudgeServerError,
               "malformed_body": JudgeMalformed}
 
@@ -76,6 +91,8 @@ class OpenAIJudge(RebuiltAfterPickling):
     _runtime: Any = field(default=None, init=False, repr=False, compare=False)
     _lock: Any = field(default=None, init=False, repr=False, compare=False)
     _tokenize_retry_at: float = field(default=0.0, init=False, repr=False, compare=False)
+    _counts: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+    _local: Any = field(default_factory=threading.local, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.base_url = v1_base_url(self.base_url or os.environ.get(ENV_BASE_URL, "") or _missing_url())
@@ -83,6 +100,15 @@ class OpenAIJudge(RebuiltAfterPickling):
             raise ValueError(f"openai judge: concurrency={self.concurrency}, retries={self.retries}, "
                              f"timeout={self.timeout}; need concurrency >= 1, retries >= 0, timeout > 0")
         self._lock = threading.Lock()
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state.update({"_local": None, "_counts": {}, "_tokenize_retry_at": 0.0})
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._local = threading.local()
 
     # ------------------------------------------------------------------ runtime
     def _start(self) -> "_LoopThread":
@@ -108,31 +134,61 @@ class OpenAIJudge(RebuiltAfterPickling):
 
     def count_tokens(self, messages: list[dict[str, str]]) -> int:
         """Prompt tokens as the served model counts them (vLLM ``/tokenize``), else an estimate that
-        does not undercount (:func:`~openrlhf_persrm.judge_format.estimate_tokens`)."""
-        count = self._tokenize({"messages": messages, "add_generation_prompt": True})
-        return count if count is not None else estimated_counter(self.chars_per_token)(messages)
+        does not undercount (:func:`~openrlhf_persrm.judge_format.estimate_tokens`).
+
+        Counted per line and cached (exemplars, the system prompt and a candidate shown in both
+        orders are tokenized once), plus a conservative allowance per line break and per message
+        for the chat template: splitting text never lets a tokenizer merge more, so the sum does
+        not undercount the whole.
+        """
+        counts = self._count_texts([m["content"] for m in messages])
+        if counts is None:
+            return estimated_counter(self.chars_per_token)(messages)
+        return sum(counts) + _TEMPLATE_TOKENS * (len(messages) + 1)
 
     def count_text_tokens(self, text: str) -> int:
         """Tokens of a bare text (a candidate), as :meth:`count_tokens` counts."""
-        count = self._tokenize({"prompt": text, "add_special_tokens": False})
-        return count if count is not None else estimate_tokens(text, self.chars_per_token)
+        counts = self._count_texts([text])
+        return counts[0] if counts is not None else estimate_tokens(text, self.chars_per_token)
 
-    def _tokenize(self, body: dict[str, Any]) -> int | None:
+    def counting_deadline(self, deadline: float | None) -> None:
+        """Token counts asked by this thread wait for ``/tokenize`` until ``deadline`` at most
+        (``time.monotonic()``), then fall back to the estimate; None: no bound but the timeout."""
+        self._local.deadline = deadline
+
+    def _count_texts(self, texts: list[str]) -> list[int] | None:
+        pieces = [_pieces(t) for t in texts]
+        missing = list(dict.fromkeys(p for ps in pieces for p in ps if p not in self._counts))
+        if missing:
+            got = self._tokenize_many(missing)
+            if got is None:
+                return None
+            if len(self._counts) > 200_000:
+                self._counts.clear()
+            self._counts.update(zip(missing, got))
+        return [sum(self._counts[p] for p in ps) + len(ps) - 1 for ps in pieces]
+
+    def _tokenize_many(self, pieces: list[str]) -> list[int] | None:
         now = time.monotonic()
         if self.stats.get("tokenize_unavailable") or now < self._tokenize_retry_at:
             return None
+        deadline = getattr(self._local, "deadline", None)
+        budget = min(5.0, self.timeout) if deadline is None else min(5.0, self.timeout, deadline - now)
+        if budget <= 0:
+            return None
         runtime = self._start()
         try:
-            count = runtime.run(runtime.tokenize(body))
+            counts = runtime.run(runtime.tokenize_many(pieces, budget))
         except Exception as exc:  # noqa: BLE001 -- counting falls back to the estimate for a while
-            self._tokenize_retry_at = now + 60.0
-            logger.warning("openai judge: /tokenize failed (%s); estimating token counts for a minute",
-                           type(exc).__name__)
+            if deadline is None or time.monotonic() < deadline:  # a failure, not our own time budget
+                self._tokenize_retry_at = time.monotonic() + 60.0
+                logger.warning("openai judge: /tokenize failed (%s); estimating token counts for a minute",
+                               type(exc).__name__)
             return None
-        if count is None:
+        if counts is None:
             self.stats["tokenize_unavailable"] = 1
             logger.info("openai judge: %s has no /tokenize; estimating token counts", self.base_url)
-        return count
+        return counts
 
     def health(self) -> dict[str, Any]:
         """The backend's own view: endpoint, model, the last fatal refusal (if any), counters."""
@@ -156,6 +212,7 @@ class _LoopThread:
         self.thread = threading.Thread(target=self.loop.run_forever, name="persrm-openai-judge", daemon=True)
         self.thread.start()
         self.client = self.run(self._make_client())
+        self.tokenizer = self.run(self._make_client())  # its own connections: a hung judgment never blocks counting
         self._model_lock = asyncio.Lock()
         self.fatal: str | None = None  # the last refusal that no retry can fix (logged once)
 
@@ -209,16 +266,20 @@ class _LoopThread:
         return [task.result() if task in done else JudgeDeadline("no judgment before the deadline; cancelled")
                 for task in tasks]
 
-    async def tokenize(self, body: dict[str, Any]) -> int | None:
-        async def count() -> int | None:
+    async def tokenize_many(self, pieces: list[str], budget: float) -> list[int] | None:
+        """Token counts of bare texts, concurrently, within ``budget`` seconds; None: no ``/tokenize``."""
+        async def count() -> list[int] | None:
             await self._ensure_model()
-            return await self.client.tokenize(body, timeout=min(5.0, self.judge.timeout))
+            counts = await asyncio.gather(*(self.tokenizer.tokenize({"prompt": p, "add_special_tokens": False},
+                                                                    timeout=budget) for p in pieces))
+            return None if any(c is None for c in counts) else list(counts)
 
-        return await asyncio.wait_for(count(), timeout=min(5.0, self.judge.timeout))
+        return await asyncio.wait_for(count(), timeout=budget)
 
     def close(self) -> None:
         try:
             self.run(self.client.aclose())
+            self.run(self.tokenizer.aclose())
         finally:
             self.loop.call_soon_threadsafe(self.loop.stop)
             self.thread.join(5)

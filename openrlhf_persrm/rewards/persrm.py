@@ -54,6 +54,7 @@ The judge backend is built on first use (the plugin pickles: Ray ships it to wor
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import logging
@@ -63,7 +64,7 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar, Iterator, Sequence
 
 from ..contracts import JudgeError, JudgeRequest, RewardOutput
 from ..judge_format import (SCORE_MAX, SCORE_MIN, ExemplarBudget, FailureKind, Judgment, PromptTooLong,
@@ -443,8 +444,10 @@ class PersRMReward:
         if self._health.stopped:
             raise JudgeUnavailable(self._health.stopped)
         deadline = time.monotonic() + self.deadline_s if deadline is None else deadline
+        judge = self._judge_or_error()
         try:
-            messages = self._messages(exemplars, prompt, response_a, response_b)
+            with _counting_within(judge, time.monotonic() + self.deadline_s / 4):
+                messages = self._messages(exemplars, prompt, response_a, response_b, judge)
         except PromptTooLong as exc:
             return JudgedPair(None, None, "", "prompt_too_long", str(exc), kind="prompt_too_long")
         result = self.judge_many([messages], deadline=deadline)[0]
@@ -462,7 +465,8 @@ class PersRMReward:
         if isinstance(judge, Exception):
             raise JudgeUnavailable(f"persrm: the judge backend cannot start: {type(judge).__name__}: {judge}")
         try:
-            messages = self._messages(*_PROBE, judge=judge)
+            with _counting_within(judge, deadline):
+                messages = self._messages(*_PROBE, judge=judge)
         except PromptTooLong as exc:
             raise JudgeUnavailable(f"persrm: max_prompt_tokens={self.max_prompt_tokens} cannot hold even a "
                                    f"tiny judgment: {exc}") from None
@@ -493,6 +497,15 @@ class PersRMReward:
             details.setdefault(kind, detail)
 
         judge = self._judge_or_error()
+        # counting tokens (an HTTP call for a served judge) may use a quarter of the time; then estimates
+        with _counting_within(judge, time.monotonic() + self.deadline_s / 4):
+            asked, judge_prompts, seeds = self._prepare(queries, prompts, labels, judge, logs, fail)
+        judged = self.judge_many(judge_prompts, seeds, deadline) if judge_prompts else []
+        return self._aggregate(n, asked, judged, logs, rewards, kinds, details)
+
+    def _prepare(self, queries: Sequence[str], prompts: Sequence[str], labels: Sequence[Any], judge: Any,
+                 logs: list[dict[str, float]], fail: Any) -> tuple[list, list, list]:
+        """The judgments to ask for: (sample, order) pairs, their chat prompts and seeds."""
         count_text = self._text_counter(judge)
         # (sample index, order) for every judgment asked; order 0: sample shown as A.
         asked: list[tuple[int, int]] = []
@@ -526,8 +539,10 @@ class PersRMReward:
                     asked.append((i, order))
                     judge_prompts.append(messages)
                     seeds.append(self.seed + vote)
-        judged = self.judge_many(judge_prompts, seeds, deadline) if judge_prompts else []
+        return asked, judge_prompts, seeds
 
+    def _aggregate(self, n: int, asked: list, judged: list, logs: list[dict[str, float]], rewards: list[float],
+                   kinds: Counter, details: dict[str, str]) -> RewardOutput:
         per_sample: dict[int, tuple[list[tuple[int, int]], list[tuple[int, int]]]] = {}
         failed_kinds: dict[int, Counter] = {}
         for (i, order), result in zip(asked, judged):
@@ -572,6 +587,20 @@ class PersRMReward:
             text, cut_tokens = truncate_to_tokens(text, self.max_response_tokens,
                                                   lambda t: estimate_tokens(t, self.chars_per_token))
         return text, cut or cut_tokens
+
+
+@contextlib.contextmanager
+def _counting_within(judge: Any, deadline: float) -> Iterator[None]:
+    """Bound the time a backend that counts tokens remotely spends counting (this thread only)."""
+    set_deadline = getattr(judge, "counting_deadline", None)
+    if not callable(set_deadline):
+        yield
+        return
+    set_deadline(deadline)
+    try:
+        yield
+    finally:
+        set_deadline(None)
 
 
 _DEADLINE_AWARE: dict[type, bool] = {}
