@@ -311,7 +311,7 @@ def test_the_entry_file_probes_the_judge_at_start_up(monkeypatch):
 
     with pytest.raises(JudgeUnavailable, match="start-up probe.*unreachable"):
         _entry(monkeypatch, {"endpoint": f"http://127.0.0.1:{closed_port()}", "served_model": "m",
-                             "deadline_s": 2})
+                             "deadline_s": 20, "backend_config": {"retries": 0}})
     entry = _entry(monkeypatch, {"backend": "_judge_stubs:StubJudge"})
     assert entry._PLUGIN.judge.calls["requests"] == 1  # the probe
     out = entry.reward_func([PROMPT + "SCORE=9"], [PROMPT], [label()])

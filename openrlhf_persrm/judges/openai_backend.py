@@ -222,6 +222,10 @@ class _LoopThread:
     async def _make_client(self) -> Any:
         from .openai_client import AsyncChatClient
 
+        quiet = logging.getLogger("httpx")
+        if quiet.level == logging.NOTSET:  # one "HTTP Request:" INFO line per judgment is noise, not news
+            quiet.setLevel(logging.WARNING)
+
         j = self.judge
         return AsyncChatClient(base_url=j.base_url, model=j.model, api_key=_api_key(j),
                                concurrency=j.concurrency, timeout=j.timeout, retries=j.retries, backoff=j.backoff,

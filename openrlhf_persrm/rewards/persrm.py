@@ -275,6 +275,7 @@ class PersRMReward:
             self._check_reward("neutral_reward", self.neutral_reward)
             self.failure_reward = self.neutral_reward
         self._check_reward("failure_reward", self.failure_reward)
+        self.neutral_reward = self.failure_reward  # the former name reads the same value
         if not isinstance(self.backend_config, dict):
             raise ValueError(f"persrm: backend_config must be a JSON object, got {self.backend_config!r}")
         if self.model:
