@@ -47,20 +47,23 @@ def call(reward: PersRMReward, responses: list[str]):
 
 # ------------------------------------------------------------------------ each fault, in the actor
 
-@pytest.mark.parametrize("fault, kind", [
-    ("hang", "deadline"), ("slow", "deadline"), ("500", "server_error"), ("garbage", "malformed_body"),
-    ("401", "fatal"), ("404", "fatal"), ("refuse", "unreachable"),
+# Faults that answer at once get a long deadline (so a loaded machine cannot turn them into deadline
+# failures); the ones that never answer in time get the short one. Either way the bound is asserted.
+@pytest.mark.parametrize("fault, kind, deadline", [
+    ("hang", "deadline", DEADLINE), ("slow", "deadline", DEADLINE), ("500", "server_error", 10.0),
+    ("garbage", "malformed_body", 10.0), ("401", "fatal", 10.0), ("404", "fatal", 10.0),
+    ("refuse", "unreachable", 10.0),
 ])
-def test_each_fault_costs_the_failure_reward_within_the_deadline(fault, kind, caplog):
+def test_each_fault_costs_the_failure_reward_within_the_deadline(fault, kind, deadline, caplog):
     caplog.set_level(logging.WARNING, logger="openrlhf_persrm")
     with FaultJudge(fault if fault != "refuse" else "ok", delay=5.0) as judge:
         url = judge.url if fault != "refuse" else f"http://127.0.0.1:{closed_port()}"
-        reward = reward_for(url, failure_reward=-1.0)
+        reward = reward_for(url, failure_reward=-1.0, deadline_s=deadline)
         try:
             out, elapsed = call(reward, ["Up at six, dog walked.", "Coffee, black."])
         finally:
             reward.judge.close()
-    assert elapsed < DEADLINE + SLACK, elapsed
+    assert elapsed < deadline + SLACK, elapsed
     assert out.rewards == [-1.0, -1.0] and out.scores == [0.0, 0.0]
     assert out.extra_logs["judge_failed"] == [1.0, 1.0]
     assert out.extra_logs[f"judge_fail_{kind}"] == [2.0, 2.0]  # both orders of both samples
@@ -122,13 +125,14 @@ def test_a_backend_without_deadline_support_is_abandoned_at_the_deadline():
     ("hang", "deadline"), ("garbage", "malformed body"),
 ])
 def test_the_start_up_probe_names_the_cause(fault, cause):
+    limit = 1.0 if fault == "hang" else 10.0
     with FaultJudge(fault if fault != "refuse" else "ok") as judge:
         url = judge.url if fault != "refuse" else f"http://127.0.0.1:{closed_port()}"
         reward = reward_for(url)
         start = time.monotonic()
         with pytest.raises(JudgeUnavailable, match="start-up probe") as err:
-            reward.probe(timeout=1.0)
-        assert cause in str(err.value) and time.monotonic() - start < 1.0 + SLACK
+            reward.probe(timeout=limit)
+        assert cause in str(err.value) and time.monotonic() - start < limit + SLACK
         reward.judge.close()
 
 
@@ -143,7 +147,7 @@ def test_a_bad_key_in_the_model_listing_is_fatal_and_named():
     with FaultJudge("ok", models_fault="401") as judge:
         reward = reward_for(judge.url, served_model="")
         with pytest.raises(JudgeUnavailable, match="HTTP 401"):
-            reward.probe(timeout=2)
+            reward.probe(timeout=10)
         assert reward.judge.health()["fatal"]
         reward.judge.close()
 
@@ -151,7 +155,8 @@ def test_a_bad_key_in_the_model_listing_is_fatal_and_named():
 def test_the_stop_rule_ends_the_run_with_the_cause(caplog):
     caplog.set_level(logging.ERROR, logger="openrlhf_persrm")
     port = closed_port()
-    reward = reward_for(f"http://127.0.0.1:{port}", stop_failure_rate=0.5, stop_after_steps=2, stop_window=2)
+    reward = reward_for(f"http://127.0.0.1:{port}", stop_failure_rate=0.5, stop_after_steps=2, stop_window=2,
+                        deadline_s=10.0)
     out, _ = call(reward, ["a", "b"])  # window 1 fails
     assert out.rewards == [-1.0, -1.0] and reward.health.snapshot()["state"] == "degraded"
     with pytest.raises(JudgeUnavailable, match="unreachable") as err:
