@@ -468,7 +468,7 @@ def make_parser() -> argparse.ArgumentParser:
                        help="JSON object of reward settings, as in $PERSRM_REWARD_CONFIG; --reward.* flags override it")
     for f in _reward_fields():
         default = f.default if f.default is not dataclasses.MISSING else None
-        kind = json.loads if f.name == "backend_config" else _flag_type(default)
+        kind = {"backend_config": json.loads, "neutral_reward": float}.get(f.name) or _flag_type(default)
         group.add_argument(f"--reward.{f.name}", dest=f"reward__{f.name}", type=kind, default=None,
                            help=f"{REWARD_HELP.get(f.name, '')} (default: {default!r})")
     return parser

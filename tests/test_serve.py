@@ -174,6 +174,9 @@ def test_command_line():
     assert reward == {"mode": "win_rate", "endpoint": "http://127.0.0.1:8000", "votes": 3, "temperature": 0.7,
                       "require_reasoning": False, "backend_config": {"concurrency": 8}}
     assert PersRMReward(**reward).backend_config == {"concurrency": 8}
+    _, reward = config_from_args(make_parser().parse_args(["--reward.neutral_reward", "-0.5",
+                                                            "--reward.failure_reward", "-0.75"]))
+    assert reward == {"neutral_reward": -0.5, "failure_reward": -0.75}
     assert main(["--reward.mode", "score_diff"]) == 2  # no judge source: refused before serving
     assert main(["--reward.endpoint", "http://x:1", "--reward.mode", "elo"]) == 2
 
