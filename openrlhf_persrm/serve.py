@@ -177,6 +177,11 @@ def parse_judge_request(data: Any, cfg: ServeConfig) -> tuple[list[str], str, st
     return exemplars, prompt, fields["response_a"], fields["response_b"]
 
 
+def _timing(arrived: float) -> dict[str, str]:
+    """``Server-Timing``: milliseconds from the request's arrival to its answer, as the server saw them."""
+    return {"Server-Timing": f"total;dur={(time.monotonic() - arrived) * 1000:.1f}"}
+
+
 class RetryCache:
     """Answers by request body: a retried request joins the computation under way or gets the
     recent answer, so OpenRLHF's retries never start judgments twice. Event-loop only."""
@@ -339,6 +344,7 @@ def make_app(reward: Any, cfg: ServeConfig | None = None) -> Any:
 
     @app.post("/get_reward")
     async def get_reward(request: Request) -> JSONResponse:
+        arrived = time.monotonic()
         raw = await read_body(request)
         queries, prompts, labels = parse_reward_request(parse_json(raw), cfg)
         judgments = len(queries) * 2 * votes
@@ -349,20 +355,30 @@ def make_app(reward: Any, cfg: ServeConfig | None = None) -> Any:
         stats["samples"] += len(queries)
 
         def compute() -> dict[str, Any]:
-            out = reward(queries, prompts, labels)
+            kwargs = {}
+            if isinstance(getattr(reward, "deadline_s", None), (int, float)):
+                # due from the request's arrival, with a little kept for answering
+                kwargs["deadline"] = arrived + reward.deadline_s * 0.95
+            out = reward(queries, prompts, labels, **kwargs)
             return {"rewards": list(out.rewards), "scores": list(out.scores),
                     "extra_logs": {k: list(v) for k, v in out.extra_logs.items()}}
 
-        return JSONResponse(await admitted(body_key("/get_reward", raw), judgments, compute))
+        answer = await admitted(body_key("/get_reward", raw), judgments, compute)
+        return JSONResponse(answer, headers=_timing(arrived))
 
     @app.post("/judge")
     async def judge(request: Request) -> JSONResponse:
+        arrived = time.monotonic()
         raw = await read_body(request)
         exemplars, prompt, a, b = parse_judge_request(parse_json(raw), cfg)
         stats["requests"] += 1
 
         def compute() -> dict[str, Any]:
-            result = reward.judge_pair(exemplars, prompt, a, b)
+            due = getattr(reward, "deadline_s", None)
+            if isinstance(due, (int, float)):
+                result = reward.judge_pair(exemplars, prompt, a, b, deadline=arrived + due * 0.95)
+            else:
+                result = reward.judge_pair(exemplars, prompt, a, b)
             preferred = None
             if result.ok:
                 preferred = ("tie" if result.score_a == result.score_b
@@ -372,7 +388,8 @@ def make_app(reward: Any, cfg: ServeConfig | None = None) -> Any:
                     "detail": result.detail, "text": result.text}
 
         # not deduplicated: a caller may ask the same pair again on purpose (votes)
-        return JSONResponse(await admitted(None, 1, compute))
+        answer = await admitted(None, 1, compute)
+        return JSONResponse(answer, headers=_timing(arrived))
 
     return app
 

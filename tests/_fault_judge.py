@@ -104,6 +104,11 @@ class FaultJudge:
     async def _route(self, method: str, path: str, body: bytes, reader: asyncio.StreamReader,
                      writer: asyncio.StreamWriter) -> None:
         self.stats[path] += 1
+        if path == "/fault":  # switch the fault while running: {"fault": "hang"}
+            self.fault = json.loads(body)["fault"]
+            return await self._send(writer, 200, json.dumps({"fault": self.fault, **self.stats}).encode())
+        if path == "/stats":
+            return await self._send(writer, 200, json.dumps(dict(self.stats)).encode())
         if path == "/v1/models":
             fault = self.models_fault
             if fault == "401":
@@ -167,3 +172,13 @@ class FaultJudge:
         asyncio.run_coroutine_threadsafe(stop(), self._loop).result(5)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(5)
+
+
+if __name__ == "__main__":  # a standalone judge for benchmarks: prints "READY <url>", serves until killed
+    import sys
+    import time
+
+    with FaultJudge(sys.argv[1] if len(sys.argv) > 1 else "ok") as server:
+        print(f"READY {server.url}", flush=True)
+        while True:
+            time.sleep(3600)

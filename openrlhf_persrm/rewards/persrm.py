@@ -461,7 +461,7 @@ class PersRMReward:
         """Judge one small pair now; raise :class:`JudgeUnavailable` naming the cause when the judge
         cannot answer (cannot start, refuses the key, is unreachable, hangs). An answer the parser
         cannot read passes (the judge is up) and is logged."""
-        deadline = time.monotonic() + (timeout if timeout is not None else min(self.deadline_s, 60.0))
+        deadline = time.monotonic() + (timeout if timeout is not None else max(self.deadline_s, 30.0))
         judge = self._judge_or_error()
         if isinstance(judge, Exception):
             raise JudgeUnavailable(f"persrm: the judge backend cannot start: {type(judge).__name__}: {judge}")
@@ -484,7 +484,10 @@ class PersRMReward:
                  **kwargs: Any) -> RewardOutput:
         if self._health.stopped:
             raise JudgeUnavailable(self._health.stopped)
-        deadline = time.monotonic() + self.deadline_s
+        # ``deadline`` (time.monotonic()): a caller that received the request earlier (persrm serve) says when
+        # the answer is due; the judging gets what is left of it
+        given = kwargs.get("deadline")
+        deadline = given if isinstance(given, (int, float)) else time.monotonic() + self.deadline_s
         n = len(queries)
         logs = [dict.fromkeys(EXTRA_LOG_KEYS, 0.0) for _ in range(n)]
         rewards = [float(self.failure_reward)] * n
@@ -499,7 +502,7 @@ class PersRMReward:
 
         judge = self._judge_or_error()
         # counting tokens (an HTTP call for a served judge) may use a quarter of the time; then estimates
-        with _counting_within(judge, time.monotonic() + self.deadline_s / 4):
+        with _counting_within(judge, time.monotonic() + max(0.0, deadline - time.monotonic()) / 4):
             asked, judge_prompts, seeds = self._prepare(queries, prompts, labels, judge, logs, fail)
         judged = self.judge_many(judge_prompts, seeds, deadline) if judge_prompts else []
         return self._aggregate(n, asked, judged, logs, rewards, kinds, details)
