@@ -127,6 +127,15 @@ def main(argv: list[str] | None = None) -> int:
                         "--reward.stop_after_steps", "0", "--reward.backend_config", '{"concurrency": 256}'],
                        "ready")
     url = f"http://127.0.0.1:{port}"
+    waited = time.monotonic() + 120
+    while True:  # "ready" comes before uvicorn listens
+        try:
+            urllib.request.urlopen(url + "/health", timeout=5).read()
+            break
+        except OSError:
+            if time.monotonic() > waited or server.poll() is not None:
+                raise RuntimeError("persrm serve did not come up") from None
+            time.sleep(0.2)
     try:
         print(f"{args.clients} clients, {args.seconds:g} s per phase, deadline_s={args.deadline:g}", flush=True)
         ok = phase("judge", url, args.clients, args.seconds)
