@@ -10,7 +10,7 @@ from openrlhf_persrm.pipeline import Pipeline, Recipe, RecipeError
 
 def _recipe(tmp_path, **overrides):
     data = {"name": "t", "model": "unused-model", "workdir": str(tmp_path / "run"),
-            "synth": {"input": "demo", "teacher.backend": "offline",
+            "synth": {"input": "demo", "teacher.backend": "offline", "split.unseen_authors": 3,
                       "pairs.negative_types": "minor_replacement,cross_author"},
             "eval": {"split": "test_unseen_authors", "limit": 20, "judges": ["random", "stylometry"]}}
     data.update(overrides)
@@ -38,7 +38,23 @@ def test_synth_and_baseline_eval_then_skip_then_rerun_changed_stage(tmp_path, ca
     Pipeline(Recipe.load(changed)).run()
     out = capsys.readouterr().out
     assert "synth: complete, skipped" in out and "eval: running" in out
-    assert json.loads((run / "eval" / "random" / "metrics.json").read_text())["overall"]["n"] == 10
+    assert json.loads((tmp_path / "run" / "eval" / "random" / "metrics.json").read_text())["overall"]["n"] == 10
+
+
+def test_judges_option_adds_one_judge_and_leaves_the_stage_unfinished(tmp_path, capsys):
+    both = _recipe(tmp_path)
+    manifest = Pipeline(Recipe.load(both), judges=["random"]).run()
+    assert manifest["stages"]["eval"]["status"] == "partial"
+    run = tmp_path / "run"
+    assert (run / "eval" / "random" / "metrics.json").exists()
+    assert not (run / "eval" / "stylometry").exists()
+    capsys.readouterr()
+    manifest = Pipeline(Recipe.load(both)).run()       # the rest, random not judged again
+    out = capsys.readouterr().out
+    assert manifest["stages"]["eval"]["status"] == "done"
+    assert "eval: random (complete, skipped)" in out and "eval: stylometry" in out
+    with pytest.raises(RecipeError, match="--judges"):
+        Pipeline(Recipe.load(both), judges=["grpo"])
 
 
 @pytest.mark.parametrize("overrides,match", [

@@ -7,7 +7,6 @@ dataclass and calls the library function.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from dataclasses import fields
 from typing import Sequence
@@ -47,13 +46,18 @@ def make_parser() -> argparse.ArgumentParser:
     pipe.add_argument("recipe", help="a recipe file, e.g. recipes/demo-cpu.yaml")
     pipe.add_argument("--only", nargs="*", default=[], help="run only these stages (synth sft grpo policy eval)")
     pipe.add_argument("--workdir", default=None, help="override the recipe's workdir")
+    pipe.add_argument("--input", default=None, help="override the recipe's synth.input (the corpus to train on)")
+    pipe.add_argument("--judges", nargs="*", default=None,
+                      help="eval stage: judge only these of the recipe's eval.judges (the others are left as they are)")
     pipe.add_argument("--verbose", action="store_true", help="stream every stage's full output")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.INFO, format="[persrm] %(message)s")
+    from ..logs import setup_logging
+
+    setup_logging("persrm")  # other libraries' warnings print under their own names, not "[persrm]"
     if argv and argv[0] == "synth":
         from data_synth.cli import main as synth_main
 
@@ -71,7 +75,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from ..pipeline import RecipeError, run_recipe
 
         try:
-            run_recipe(args.recipe, only=args.only, verbose=args.verbose, workdir=args.workdir)
+            run_recipe(args.recipe, only=args.only, verbose=args.verbose, workdir=args.workdir,
+                       corpus=args.input, judges=args.judges)
         except RecipeError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
