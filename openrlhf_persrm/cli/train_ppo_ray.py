@@ -87,10 +87,9 @@ def prepare(argv: Sequence[str]) -> Prepared:
             out.set("--reward.remote_url", reward_entry_file())
             env["PERSRM_REWARD_PLUGIN"] = ours.reward_plugin
             env["PERSRM_REWARD_CONFIG"] = json.dumps(config)
-            # A judge's API key lives in the driver's environment; the rollout actors need it too.
-            key_env = config.get("api_key_env", "PERSRM_JUDGE_API_KEY")
-            if isinstance(key_env, str) and key_env in os.environ:
-                env[key_env] = os.environ[key_env]
+            # A judge's API key is never put in Ray's runtime_env (the dashboard shows it): workers of a
+            # Ray started here inherit it from this process; on a `ray start` cluster use the reward's
+            # api_key_file (or set the variable on every node).
     elif ours.reward_plugin_config:
         raise WrapperError("--reward_plugin_config needs --reward_plugin")
 
