@@ -136,6 +136,16 @@ def _flags(d: dict[str, Any] | None) -> list[str]:
     return out
 
 
+def _weights_digest(folder: Path) -> str:
+    """A content hash of a checkpoint folder's weight files."""
+    digest = hashlib.sha256()
+    for f in sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin")):
+        with open(f, "rb") as fh:
+            while chunk := fh.read(1 << 24):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
 def _digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -371,9 +381,12 @@ class Pipeline:
                 m = re.fullmatch(r"global_step(\d+)_hf", p.name)
                 if m and (p / "config.json").exists():
                     steps.append((int(m.group(1)), str(p)))
-            found += [(stage, step, path) for step, path in sorted(steps)]
+            steps.sort()
+            found += [(stage, step, path) for step, path in steps]
             final = self.work / stage
-            if (final / "config.json").exists() and not any(s == stage for s, _, _ in found[-1:]):
+            # The final model, unless it is the last checkpoint (same weights file).
+            if (final / "config.json").exists() and (not steps or _weights_digest(final) != _weights_digest(
+                    Path(steps[-1][1]))):
                 found.append((stage, -1, str(final)))
         return found
 

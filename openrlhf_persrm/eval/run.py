@@ -108,7 +108,10 @@ def make_judge(cfg: EvalConfig) -> Judge:
 
     path = resolve_model(cfg.model)
     local = LocalJudge(path, batch_size=cfg.batch_size)
-    return ModelJudge(local, label=cfg.model, count_tokens=chat_token_counter(local.tokenizer),
+    # In chunks of a few batches: the backend's timeout then bounds one chunk, not the whole evaluation
+    # (hundreds of judgments on a slow CPU outlast it), and the progress bar moves chunk by chunk.
+    return ModelJudge(ChunkedProgress(local, chunk=4 * cfg.batch_size), label=cfg.model,
+                      count_tokens=chat_token_counter(local.tokenizer),
                       max_prompt_tokens=cfg.max_prompt_tokens, max_new_tokens=cfg.max_new_tokens,
                       settings={"backend": "local", "path": path, "decoding": "greedy"})
 
