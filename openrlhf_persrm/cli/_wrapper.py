@@ -10,8 +10,10 @@ OpenRLHF's own parser, see :func:`openrlhf_persrm.compat.launcher_parser`) plus:
 ``--reward_plugin NAME`` / ``--reward_plugin_config JSON`` (``train_ppo_ray`` only)
     points ``--reward.remote_url`` at the installed entry file and passes the plugin's name
     and configuration to every Ray worker through environment variables;
-``--cpu``
-    runs on CPU (also chosen automatically, with a log line, when no GPU is visible).
+``--cpu`` / ``--gpu``
+    runs on CPU / insists on GPUs (CPU mode is chosen automatically only when no GPU is
+    visible and, for ``train_ppo_ray``, no Ray cluster is reachable; see
+    :func:`openrlhf_persrm.cpu.mode.choose_cpu`).
 """
 
 from __future__ import annotations
@@ -42,20 +44,26 @@ def plugin_parser(launcher: str, *, reward: bool) -> argparse.ArgumentParser:
         prog=f"python -m openrlhf_persrm.cli.{launcher}", add_help=False,
         description=f"OpenRLHF {launcher} with openrlhf-persrm plugins. Every OpenRLHF 0.11.2 "
                     f"{launcher} flag is accepted unchanged (listed below the plugin flags).")
+    from ..registry import dataset_plugins, reward_plugins
+
     g = p.add_argument_group("openrlhf-persrm plugins")
     g.add_argument("--dataset_plugin", default=None, metavar="NAME",
-                   help="dataset plugin (persrm_sft, persrm_rl, pkg.mod:Class or file.py) that converts "
-                        "PersRM pair JSONL given to the dataset flags into OpenRLHF rows")
+                   help=f"dataset plugin ({', '.join(dataset_plugins.available())}, pkg.mod:Class or file.py) "
+                        "that converts PersRM pair JSONL given to the dataset flags into OpenRLHF rows")
     g.add_argument("--dataset_plugin_config", default=None, metavar="JSON",
                    help="JSON object (or @file.json) of keyword arguments for the dataset plugin")
     if reward:
         g.add_argument("--reward_plugin", default=None, metavar="NAME",
-                       help="reward plugin (persrm_rule, pkg.mod:Class or file.py) given to OpenRLHF "
-                            "as --reward.remote_url; its settings reach every Ray worker")
+                       help=f"reward plugin ({', '.join(reward_plugins.available())}, pkg.mod:Class or "
+                            "file.py) given to OpenRLHF as --reward.remote_url; its settings reach every Ray worker")
         g.add_argument("--reward_plugin_config", default=None, metavar="JSON",
                        help="JSON object (or @file.json) of keyword arguments for the reward plugin")
     g.add_argument("--cpu", action="store_true",
-                   help="run on CPU (chosen automatically when no GPU is visible)")
+                   help="run on CPU (chosen automatically, with a warning, only when no GPU is visible"
+                        + (" and no Ray cluster is reachable: RAY_ADDRESS or a `ray start` cluster)" if reward
+                           else ")"))
+    g.add_argument("--gpu", action="store_true",
+                   help="insist on GPUs: fail instead of falling back to CPU mode when none is available")
     g.add_argument("--persrm.cache_dir", dest="cache_dir", default=DEFAULT_CACHE_DIR, metavar="DIR",
                    help="where converted datasets are cached (default: %(default)s)")
     return p
