@@ -147,6 +147,10 @@ def convert_datasets(plugin_name: str, config: dict[str, Any], stage: str, ns: d
 
         tokenizer = AutoTokenizer.from_pretrained(model_path)
     max_len = ns.get("data.max_len")
+    extra: dict[str, Any] = {}
+    if stage == "rl" and _accepts(plugin.convert, "max_new_tokens"):
+        # What OpenRLHF truncates prompts by: the plugin budgets prompts from it.
+        extra["max_new_tokens"] = ns.get("rollout.max_new_tokens")
     for flag in flags:
         value = ns.get(flag.lstrip("-"))
         if not value:
@@ -158,17 +162,18 @@ def convert_datasets(plugin_name: str, config: dict[str, Any], stage: str, ns: d
                 raise WrapperError(f"{flag} {src!r}: --dataset_plugin {plugin_name} reads local PersRM pair "
                                    "JSONL files; give a file path (comma-separated for several)")
             key = hashlib.sha256(json.dumps(
-                [file_digest(src), plugin_name, config, model_path, max_len, __version__],
+                [file_digest(src), plugin_name, config, model_path, max_len, __version__, *extra.values()],
                 sort_keys=True, default=str).encode()).hexdigest()[:16]
             dst = os.path.join(cache_dir, "datasets", f"{Path(src).stem}.{plugin.name}.{key}.jsonl")
             if os.path.exists(dst):
                 logger.info("%s: reusing %s (converted earlier from %s)", plugin.name, dst, src)
             else:
-                n = plugin.convert(src, dst, tokenizer=tokenizer, max_len=max_len)
+                n = plugin.convert(src, dst, tokenizer=tokenizer, max_len=max_len, **extra)
                 if n == 0:
-                    os.unlink(dst)
-                    raise WrapperError(f"{flag} {src!r}: --dataset_plugin {plugin_name} wrote no rows; "
-                                       f"see {dst}.report.json (raise --data.max_len if prompts were too long)")
+                    if os.path.exists(dst):
+                        os.unlink(dst)
+                    raise WrapperError(f"{flag} {src!r}: --dataset_plugin {plugin_name} wrote no rows; see "
+                                       f"{dst}.report.json for what was skipped and why")
                 logger.info("%s: converted %s -> %s (%d rows)", plugin.name, src, dst, n)
             outs.append(dst)
         argv.set(flag, ",".join(outs))
@@ -178,6 +183,13 @@ def convert_datasets(plugin_name: str, config: dict[str, Any], stage: str, ns: d
             raise WrapperError(f"{flag} {given!r} conflicts with --dataset_plugin {plugin_name}, which writes "
                                f"rows for {flag} {value!r}; drop {flag}")
         argv.set(flag, value)
+
+
+def _accepts(fn: Callable[..., Any], name: str) -> bool:
+    import inspect
+
+    params = inspect.signature(fn).parameters
+    return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
 
 
 def check_reparse(parser: argparse.ArgumentParser, argv: Argv) -> dict[str, Any]:
