@@ -48,6 +48,9 @@ def make_parser() -> argparse.ArgumentParser:
     pipe.add_argument("--only", nargs="*", default=[], help="run only these stages (synth sft grpo policy eval)")
     pipe.add_argument("--workdir", default=None, help="override the recipe's workdir")
     pipe.add_argument("--verbose", action="store_true", help="stream every stage's full output")
+    pipe.add_argument("--dry_run", action="store_true",
+                      help="resolve paths, build every stage's command, check it with OpenRLHF's own parser and "
+                           "check that the inputs exist; print the plan and run nothing")
     return parser
 
 
@@ -71,7 +74,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from ..pipeline import RecipeError, run_recipe
 
         try:
-            run_recipe(args.recipe, only=args.only, verbose=args.verbose, workdir=args.workdir)
+            run_recipe(args.recipe, only=args.only, verbose=args.verbose, workdir=args.workdir,
+                       dry_run=args.dry_run)
         except RecipeError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
