@@ -329,3 +329,43 @@ def test_rl_no_rows_names_rollout_max_new_tokens(tmp_path, tiny_model, pairs_fil
     # the same data fits once generation gets fewer tokens (the prompts are ~920 tiny-tokenizer tokens)
     prep = train_ppo_ray.prepare(base + ["--data.max_len", "1200", "--rollout.max_new_tokens", "64"])
     assert prep.tokens[prep.tokens.index("--data.prompt_dataset") + 1].startswith(str(tmp_path))
+
+
+def _synth_defaults(out_dir, *extra):
+    import subprocess
+    import sys
+
+    subprocess.run([sys.executable, "-m", "data_synth", "--input", "demo", "--output_dir", str(out_dir),
+                    "--teacher.backend", "offline", "--progress", "false", *extra], check=True, capture_output=True)
+    return out_dir / "sft.jsonl"
+
+
+@pytest.mark.parametrize("style", [
+    pytest.param("default", marks=pytest.mark.xfail(
+        strict=True, reason="synth's default traces.style is 'full' (~400 SmolLM2 tokens a trace, over "
+                            "persrm demo's max_new_tokens 256): the CPU quickstart keeps 3 of 147 SFT rows; the lead "
+                            "is asked to make 'brief' the default (then remove this mark)")),
+    "brief"])
+def test_quickstart_scaled_to_cpu_trains_on_its_data(tmp_path, style):
+    """SmolLM2, offline synth on the demo corpus with synth's defaults, `--data.max_len 768`: the SFT plugin keeps
+    most rows, and every default judge budget (reward, serve, eval, demo) has room for a whole trace."""
+    from openrlhf_persrm.demo import DemoConfig
+    from openrlhf_persrm.eval.config import EvalConfig
+    from openrlhf_persrm.models import load_smollm2_tokenizer
+    from openrlhf_persrm.rewards.persrm import PersRMReward
+
+    try:
+        tok = load_smollm2_tokenizer()
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))
+    src = _synth_defaults(tmp_path / "synth", *(["--traces.style", style] if style != "default" else []))
+    rows = [json.loads(line) for line in src.read_text().splitlines()]
+    targets = sorted(len(tok(format_target(r["trace"]["reasoning"], *r["trace"]["scores"]),
+                             add_special_tokens=False)["input_ids"]) for r in rows)
+    p95 = targets[int(0.95 * (len(targets) - 1))]
+    for name, budget in (("reward/serve", PersRMReward.max_new_tokens), ("eval", EvalConfig.max_new_tokens),
+                         ("demo", DemoConfig.max_new_tokens)):
+        assert p95 + 16 <= budget, (name, budget, p95)
+    # raises TooFewRows below half kept
+    n = PersRMSFTDataset().convert(str(src), str(tmp_path / "rows.jsonl"), tokenizer=tok, max_len=768)
+    assert n >= len(rows) / 2
