@@ -295,10 +295,14 @@ class Pipeline:
             problems += self._parse(stage)
         if stage.name == "eval":
             problems += self._parse_eval()
+        from .models import SMOLLM2
+
         for flag, value in stage.inputs.items():
-            if not value or value == "@base":
-                notes.append(f"{flag}: {self.model_id()} (the recipe's model)")
-                continue
+            if value == "@base":
+                value = self.model_id()
+                if value.lower() in (SMOLLM2, "smollm2"):
+                    notes.append(f"{flag}: {value} (built in; converted to a checkpoint on the first run)")
+                    continue
             for part in str(value).split(","):
                 maker = self._made_by(part, stages, index)
                 if maker:

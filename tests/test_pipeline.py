@@ -218,3 +218,16 @@ def test_pipeline_says_when_a_stage_left_the_weights_unchanged(tmp_path, tiny_mo
     assert manifest["stages"]["grpo"]["weights_changed"] is True and "warning" not in manifest["stages"]["grpo"]
     saved = json.loads((tmp_path / "run" / "manifest.json").read_text())
     assert saved["stages"]["sft"]["weights_changed"] is False
+
+
+def test_dry_run_checks_a_local_base_model(tmp_path, monkeypatch):
+    import io
+
+    monkeypatch.chdir(tmp_path)
+    recipe = Recipe.load(_recipe(tmp_path, model="./models/base", sft={"data.max_len": 512}))
+    with pytest.raises(RecipeError, match=f"model.model_name_or_path {tmp_path}/models/base does not exist"):
+        Pipeline(recipe).dry_run(out=io.StringIO())
+    (tmp_path / "models" / "base").mkdir(parents=True)
+    plan = {s["name"]: s for s in Pipeline(recipe).dry_run(out=io.StringIO())}
+    argv = plan["sft"]["argv"]
+    assert argv[argv.index("--model.model_name_or_path") + 1] == str(tmp_path / "models" / "base")
