@@ -62,6 +62,18 @@ class SplitConfig:
     exemplar_reserve: int = _help(
         "Paragraphs from other works reserved per test_unseen_works author as that split's exemplars.",
         default=6)
+    exemplar_source: str = _help(
+        "Where a pair's exemplars come from: 'other_work' (default: only the author's other works, so names and "
+        "plot never give the real text away; see --split.same_work_fallback) or 'any' (other works first, then "
+        "the same work outside --split.neighbour_window).", default="other_work")
+    same_work_fallback: tuple[str, ...] = _help(
+        "With --split.exemplar_source other_work: splits in which an author with a single work may take exemplars "
+        "from that work, at least --split.min_exemplar_distance paragraphs from the target (counted in the "
+        "manifest as same_work_exemplars). Comma-separated; empty: nowhere (such authors make no pairs).",
+        default=("train",))
+    min_exemplar_distance: int = _help(
+        "Same-work exemplars (see --split.same_work_fallback) are at least this many paragraphs from the target.",
+        default=50)
 
     def __post_init__(self) -> None:
         _fraction("split.unseen_authors", self.unseen_authors, count_ok=True)
@@ -74,6 +86,14 @@ class SplitConfig:
             raise ValueError(f"--split.neighbour_window={self.neighbour_window!r} is invalid; use 0 or more")
         if self.exemplar_reserve < 1:
             raise ValueError(f"--split.exemplar_reserve={self.exemplar_reserve!r} is invalid; use 1 or more")
+        if self.exemplar_source not in ("other_work", "any"):
+            raise ValueError(f"--split.exemplar_source={self.exemplar_source!r} is invalid; use other_work or any")
+        bad = [s for s in self.same_work_fallback if s not in SPLITS]
+        if bad:
+            raise ValueError(f"--split.same_work_fallback={','.join(self.same_work_fallback)!r} has unknown "
+                             f"split(s) {bad}; choose from {', '.join(SPLITS)}")
+        if self.min_exemplar_distance < 0:
+            raise ValueError(f"--split.min_exemplar_distance={self.min_exemplar_distance!r} is invalid; use 0 or more")
 
 
 @dataclass
@@ -99,6 +119,14 @@ class PairConfig:
     min_replaced: int = _help("minor_replacement: at least this many words replaced.", default=3)
     max_replaced: int = _help("minor_replacement: at most this many words replaced.", default=4)
     max_tries: int = _help("Tries per negative before the pair is rejected.", default=3)
+    cross_author_prompt: str = _help(
+        "cross_author pairs: 'neutral' (default) shows both whole paragraphs as answers to one neutral request, so "
+        "every candidate answers the same prompt; 'continuation' keeps the person's opening as the prompt, which "
+        "the other author's text does not continue (the type is then topic-separable and left out of the "
+        "headline numbers).", default="neutral")
+    max_words: int | None = _help(
+        "Paragraphs longer than this many words are neither targets nor exemplars (shorter judge prompts for "
+        "small models and CPU runs); no limit if unset.", default=None)
     max_targets_per_author: int | None = _help(
         "Per split, at most this many target paragraphs per author (seeded choice); all if unset.", default=None)
     wordnet_dir: str | None = _help(
@@ -126,6 +154,13 @@ class PairConfig:
             raise ValueError(f"--pairs.max_tries={self.max_tries!r} is invalid; use 1 or more")
         if self.types_per_paragraph < 1:
             raise ValueError(f"--pairs.types_per_paragraph={self.types_per_paragraph!r} is invalid; use 1 or more")
+        if self.cross_author_prompt not in ("neutral", "continuation"):
+            raise ValueError(f"--pairs.cross_author_prompt={self.cross_author_prompt!r} is invalid; use neutral or "
+                             "continuation")
+        if self.max_words is not None and self.max_words < self.min_prompt_words + self.min_continuation_words:
+            raise ValueError(f"--pairs.max_words={self.max_words!r} is too small: a paragraph needs at least "
+                             f"--pairs.min_prompt_words + --pairs.min_continuation_words = "
+                             f"{self.min_prompt_words + self.min_continuation_words} words")
         if self.max_targets_per_author is not None and self.max_targets_per_author < 1:
             raise ValueError(f"--pairs.max_targets_per_author={self.max_targets_per_author!r} is invalid; use a "
                              "positive integer or leave it unset")
@@ -191,8 +226,11 @@ class TraceConfig:
                         "assigned order.", default="both")
     fallback: str = _help("When the teacher never ranks the real text higher: 'none' leaves the pair out of "
                           "the sft files, 'bootstrap' writes a stylometric trace instead.", default="none")
-    style: str = _help("Stylometric (bootstrap) traces: 'full' cites every measure; 'brief' keeps the key "
-                       "numbers and the conclusion (for small models and CPU runs).", default="full")
+    style: str = _help("Evidence (bootstrap) traces: 'full' also cites the stylometric measures that favour the "
+                       "verdict; 'brief' keeps the shared words and habits and the conclusion (for small models "
+                       "and CPU runs).", default="brief")
+    both_orders: bool = _help("Evidence (bootstrap) traces: write each pair's trace in both A/B orders (two sft "
+                              "rows), so position alone never predicts the answer.", default=False)
 
     def __post_init__(self) -> None:
         bad = [s for s in self.splits if s not in SPLITS]

@@ -23,10 +23,15 @@ from typing import Sequence
 
 from .lexicon import WordNet
 from .stylometry import FUNCTION_WORDS
-from .text import (count_words, longest_common_run, normalize_space, split_sentences,
+from .text import (count_words, longest_common_run, normalize_space, normalize_typography, split_sentences,
                    word_edit_distance)
 
 TEACHER_TYPES = ("style_mimic", "style_random")
+
+#: The prompt of a ``cross_author`` pair (``--pairs.cross_author_prompt neutral``): another
+#: author's paragraph cannot continue this person's opening, so both candidates are whole
+#: paragraphs answering the same neutral request, and the prompt gives neither away.
+NEUTRAL_PROMPT = "Write a paragraph in your own words."
 OFFLINE_TYPES = ("minor_replacement", "cross_author")
 ALL_TYPES = ("minor_replacement", "style_mimic", "style_random", "cross_author")
 
@@ -264,11 +269,11 @@ def clean_continuation(raw: str, prompt: str, *, max_words: int | None = None) -
     text = re.sub(r"<think>.*", "", text, flags=re.DOTALL | re.IGNORECASE)
     text = re.sub(r"^\s*(?:sure|certainly|of course|okay)[!.,]?\s*", "", text, flags=re.IGNORECASE)
     text = _PREAMBLE.sub("", text)
-    text = normalize_space(text.replace("*", ""))
-    prompt_n = normalize_space(prompt)
+    text = normalize_typography(text)  # the same normalisation the real text gets
+    prompt_n = normalize_typography(prompt)
     if prompt_n and text.startswith(prompt_n):
         text = text[len(prompt_n):].strip()
-    quotes = {'"': '"', "\u201c": "\u201d", "'": "'"}
+    quotes = {'"': '"', "'": "'"}
     if len(text) > 1 and text[0] in quotes and text.endswith(quotes[text[0]]):
         inner = text[1:-1]
         if text[0] not in inner and quotes[text[0]] not in inner:  # one quoted block, not dialogue
@@ -285,6 +290,14 @@ def clean_continuation(raw: str, prompt: str, *, max_words: int | None = None) -
 
 # --------------------------------------------------------------------------- checks
 
+_END = re.compile(r"[.!?\u2014)\]\"']\s*$")
+
+
+def ends_sentence(text: str) -> bool:
+    """True if ``text`` ends like a finished sentence (terminal punctuation, maybe a closing quote)."""
+    return bool(_END.search(text.strip()))
+
+
 @dataclass(frozen=True)
 class NegativeBounds:
     min_length_ratio: float = 0.5
@@ -299,7 +312,8 @@ def check_negative(kind: str, chosen: str, rejected: str, *, exemplars: Sequence
     """Why ``rejected`` is not a usable negative for ``chosen`` (a short reason), or None.
 
     * every kind: non-empty, not identical to the real text (ignoring spacing and case),
-      length ratio within bounds;
+      length ratio within bounds; ends like a finished sentence when the real text does
+      (a reply cut at the token limit would give itself away);
     * ``minor_replacement``: same number of tokens and a word edit distance within
       [min_replaced, max_replaced];
     * teacher kinds: does not copy a run of ``max_copied_words`` words from an exemplar or
@@ -313,6 +327,8 @@ def check_negative(kind: str, chosen: str, rejected: str, *, exemplars: Sequence
     ratio = n_rejected / max(1, n_chosen)
     if not bounds.min_length_ratio <= ratio <= bounds.max_length_ratio:
         return "length_ratio"
+    if ends_sentence(chosen) and not ends_sentence(rejected):
+        return "unfinished"
     if kind == "minor_replacement":
         if len(chosen.split()) != len(rejected.split()):
             return "edit_distance"

@@ -29,16 +29,17 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from openrlhf_persrm.judge_format import Judgment, assign_positions, arrange, build_messages, parse_judgment
+from openrlhf_persrm.eval.judges import shortcut_report
 from openrlhf_persrm.pairs import PairRecord, Trace, write_pairs
 
 from .config import SPLITS, SynthConfig
 from .corpus import Corpus, Paragraph, load_corpus
-from .negatives import (RANDOM_STYLES, TEACHER_TYPES, CrossAuthorPool, Continuation, NegativeBounds,
-                        check_negative, clean_continuation, cross_author, mimic_messages, minor_replacement,
-                        random_style_messages)
+from .negatives import (NEUTRAL_PROMPT, RANDOM_STYLES, TEACHER_TYPES, CrossAuthorPool, Continuation,
+                        NegativeBounds, check_negative, clean_continuation, cross_author, mimic_messages,
+                        minor_replacement, random_style_messages)
 from .splits import SplitPlan, exemplar_candidates, seeded_key, split_corpus
-from .stylometry import bootstrap_reasoning
-from .text import count_words, split_prompt
+from .stylometry import evidence_trace
+from .text import count_words, normalize_typography, split_prompt
 
 logger = logging.getLogger(__name__)
 
@@ -101,6 +102,7 @@ class PairTask:
     negative_type: str
     needs_trace: bool
     planned_position: str
+    same_work_exemplars: bool = False
 
 
 @dataclass
@@ -145,23 +147,32 @@ def select_paragraphs(paragraphs: Sequence[Paragraph], cfg: SynthConfig) -> list
 
 
 def plan_tasks(paragraphs: Sequence[Paragraph], cfg: SynthConfig) -> Plan:
-    """Every pair this run will try to make, in a deterministic order."""
-    seed, pc = cfg.seed, cfg.pairs
-    splits = split_corpus(paragraphs, cfg.split, seed)
+    """Every pair this run will try to make, in a deterministic order.
+
+    Every text is put in one typography first (:func:`~data_synth.text.normalize_typography`),
+    the same that teacher replies get, so typography never tells real from generated text.
+    """
+    seed, pc, sc = cfg.seed, cfg.pairs, cfg.split
+    paragraphs = [replace(p, text=normalize_typography(p.text)) for p in paragraphs]
+    splits = split_corpus(paragraphs, sc, seed)
     by_uid = {p.uid: p for p in paragraphs}
+    too_long = {p.uid for p in paragraphs if pc.max_words is not None and count_words(p.text) > pc.max_words}
     cut: dict[str, tuple[str, str] | None] = {
         p.uid: split_prompt(p.text, min_prompt_words=pc.min_prompt_words,
                             max_prompt_sentences=pc.max_prompt_sentences,
                             min_continuation_words=pc.min_continuation_words) for p in paragraphs}
+    neutral = pc.cross_author_prompt == "neutral"
     tasks: list[PairTask] = []
     pools: dict[str, CrossAuthorPool] = {}
     skipped: Counter = Counter()
     types = list(pc.negative_types)
     for split in SPLITS:
-        members = [by_uid[u] for u in splits.members(split)]
+        members = [by_uid[u] for u in splits.members(split) if u not in too_long]
+        # cross_author negatives: whole paragraphs with a neutral prompt, else continuations.
         pools[split] = CrossAuthorPool([
-            Continuation(p.uid, p.author, cut[p.uid][1], count_words(cut[p.uid][1]))
-            for p in members if cut[p.uid] is not None])
+            Continuation(p.uid, p.author, p.text if neutral else cut[p.uid][1],
+                         count_words(p.text if neutral else cut[p.uid][1]))
+            for p in members if cut[p.uid] is not None and p.uid not in splits.exemplar_only])
         by_author: dict[str, list[Paragraph]] = defaultdict(list)
         for p in members:
             by_author[p.author].append(p)
@@ -179,26 +190,38 @@ def plan_tasks(paragraphs: Sequence[Paragraph], cfg: SynthConfig) -> Plan:
                 usable = usable[:pc.max_targets_per_author]
             targets.extend(usable)
         targets.sort(key=lambda p: seeded_key(seed, "types", p.uid))
+        fallback = sc.min_exemplar_distance if split in sc.same_work_fallback else None
         split_tasks: list[PairTask] = []
         for rank, p in enumerate(targets):
             rng = random.Random(seeded_key(seed, "exemplars", p.uid))
-            options = exemplar_candidates(p, by_author[p.author], cfg.split.neighbour_window, seed)
+            options = exemplar_candidates(p, by_author[p.author], sc.neighbour_window, seed,
+                                          source=sc.exemplar_source, same_work_distance=fallback)
             if len(options) < pc.min_exemplars:
-                skipped[f"{split}:too_few_exemplars"] += 1
+                reason = "no_other_work" if sc.exemplar_source == "other_work" and not any(
+                    q.work != p.work for q in by_author[p.author]) else "too_few_exemplars"
+                skipped[f"{split}:{reason}"] += 1
                 continue
             k = min(len(options), rng.randint(pc.min_exemplars, pc.max_exemplars))
             chosen_ex = options[:k]
+            same_work = any(e.work == p.work for e in chosen_ex)
             prompt, continuation = cut[p.uid]
             for j in range(cfg.pairs.types_per_paragraph):
                 ntype = types[(rank + j) % len(types)]
+                if ntype == "cross_author" and neutral:
+                    t_prompt, t_chosen = NEUTRAL_PROMPT, p.text
+                else:
+                    t_prompt, t_chosen = prompt, continuation
                 split_tasks.append(PairTask(
                     id=f"{p.uid}:{ntype}", split=split, author=p.author, work=p.work, idx=p.idx,
-                    prompt=prompt, chosen=continuation, exemplars=tuple(e.text for e in chosen_ex),
+                    prompt=t_prompt, chosen=t_chosen, exemplars=tuple(e.text for e in chosen_ex),
                     exemplar_refs=tuple(e.uid for e in chosen_ex), negative_type=ntype,
-                    needs_trace=split in cfg.traces.splits, planned_position=""))
+                    needs_trace=split in cfg.traces.splits, planned_position="",
+                    same_work_exemplars=same_work))
         split_tasks.sort(key=lambda t: t.id)
         positions = assign_positions([t.id for t in split_tasks], seed)
         tasks.extend(replace(t, planned_position=pos) for t, pos in zip(split_tasks, positions))
+    if too_long:
+        skipped["longer_than_max_words"] = len(too_long)
     return Plan(list(paragraphs), splits, tasks, pools, skipped)
 
 
@@ -223,7 +246,7 @@ class Context:
 
 async def make_negative(task: PairTask, ctx: Context) -> tuple[str | None, dict[str, Any], Counter]:
     """``(rejected text or None, provenance, failed-try reasons)`` for one task."""
-    from .teachers import ChatRequest
+    from .teachers import ChatRequest, truncated
 
     cfg, seed = ctx.cfg, ctx.cfg.seed
     reasons: Counter = Counter()
@@ -260,6 +283,9 @@ async def make_negative(task: PairTask, ctx: Context) -> tuple[str | None, dict[
                                        temperature=cfg.teacher.temperature,
                                        seed=_int_seed(seed, "teacher_negative", task.id, attempt))
             raw = await ctx.teacher.chat(request)
+            if truncated(raw):
+                reasons["truncated"] += 1  # cut at --teacher.max_tokens: it would end mid-sentence
+                continue
             text = clean_continuation(raw, task.prompt, max_words=int(n_words * cfg.pairs.max_length_ratio))
             provenance["source"] = "teacher:" + str(ctx.teacher.identity.get("model"))
         else:  # guarded by the config; kept for third-party types
@@ -274,7 +300,7 @@ async def make_negative(task: PairTask, ctx: Context) -> tuple[str | None, dict[
 
 async def teacher_trace(task: PairTask, rejected: str, position: str, ctx: Context) -> tuple[dict | None, Counter]:
     """Rejection sampling: up to ``traces.tries`` judgments with the real text at ``position``."""
-    from .teachers import ChatRequest
+    from .teachers import ChatRequest, truncated
 
     outcomes: Counter = Counter()
     a, b = arrange(task.chosen, rejected, position)
@@ -283,8 +309,12 @@ async def teacher_trace(task: PairTask, rejected: str, position: str, ctx: Conte
         request = ChatRequest.make(messages, max_tokens=ctx.cfg.teacher.judge_max_tokens,
                                    temperature=ctx.cfg.teacher.temperature,
                                    seed=_int_seed(ctx.cfg.seed, "judge", task.id, position, attempt))
-        result = parse_judgment(await ctx.teacher.chat(request))
+        reply = await ctx.teacher.chat(request)
         outcomes["judgments"] += 1
+        if truncated(reply):
+            outcomes["truncated"] += 1
+            continue
+        result = parse_judgment(reply)
         if not isinstance(result, Judgment):
             outcomes[f"unreadable:{result.kind.value}"] += 1
             continue
@@ -428,6 +458,8 @@ def assemble(plan: Plan, results: dict[str, dict[str, Any]], cfg: SynthConfig,
         seen.add(key)
         extra = {"split": task.split, "work": task.work, "idx": task.idx,
                  "exemplar_refs": list(task.exemplar_refs), "negative": res["negative"]}
+        if task.same_work_exemplars:
+            extra["same_work_exemplars"] = True
         pairs.append(PairRecord(task.id, task.author, list(task.exemplars), task.prompt, task.chosen,
                                 res["rejected"], task.negative_type, extra))
         by_id[task.id] = (task, res)
@@ -435,56 +467,78 @@ def assemble(plan: Plan, results: dict[str, dict[str, Any]], cfg: SynthConfig,
 
     files: dict[str, list[dict[str, Any]]] = {"pairs.jsonl": [p.to_json() for p in pairs]}
     for split, name in (("train", "rl.jsonl"), ("validation", "rl_validation.jsonl")):
-        files[name] = [p.to_json() for p in pairs if p.extra["split"] == split]
+        rl = [p for p in pairs if p.extra["split"] == split]
+        rl.sort(key=lambda p: seeded_key(cfg.seed, "rl_order", p.id))  # a prefix covers every author
+        files[name] = [p.to_json() for p in rl]
 
     use_teacher = teacher_identity.get("backend") != "offline"
     trace_stats: dict[str, Any] = {"kind": "teacher" if use_teacher else "bootstrap", "splits": list(cfg.traces.splits)}
-    attempted = accepted = fallback = agree = 0
+    attempted = accepted = 0
+    bootstrap: Counter = Counter()   # evidence-trace outcomes of the pairs that fell back to one
     positions: Counter = Counter()
+    brief = cfg.traces.style == "brief"
     for split, name in (("train", "sft.jsonl"), ("validation", "sft_validation.jsonl")):
         rows: list[dict[str, Any]] = []
         if split in cfg.traces.splits:
             eligible = [p for p in pairs if p.extra["split"] == split]
             attempted += len(eligible)
-            chosen_traces: dict[str, dict[str, Any] | None] = {}
+            teacher_traces: dict[str, dict[str, Any] | None] = {}
             for p in eligible:
-                _, res = by_id[p.id]
+                task, res = by_id[p.id]
                 traces = res.get("traces", {})
-                if use_teacher:
-                    ok = all(traces.get(pos) for pos in (["A", "B"] if cfg.traces.orders == "both"
-                                                         else [by_id[p.id][0].planned_position]))
-                    chosen_traces[p.id] = traces if ok else None
-                else:
-                    chosen_traces[p.id] = {}
-            keep = [p for p in eligible if chosen_traces[p.id] is not None
-                    or cfg.traces.fallback == "bootstrap"]
+                needed = ["A", "B"] if cfg.traces.orders == "both" else [task.planned_position]
+                teacher_traces[p.id] = traces if use_teacher and all(traces.get(pos) for pos in needed) else None
+            # Without a teacher every pair may get an evidence trace; with one, only those the teacher
+            # failed on (--traces.fallback bootstrap). The evidence decides first, so that A/B positions
+            # are balanced over the traces actually written.
+            fallback_ok = cfg.traces.fallback == "bootstrap" or not use_teacher
+            keep = []
+            for p in eligible:
+                if teacher_traces[p.id] is not None:
+                    keep.append(p)
+                elif fallback_ok:
+                    outcome = evidence_trace(p.exemplars, p.prompt, p.chosen, p.rejected, "A").outcome
+                    bootstrap[outcome] += 1
+                    if outcome == "favours_real":
+                        keep.append(p)
             balanced = assign_positions([p.id for p in keep], cfg.seed)
             for p, pos in zip(keep, balanced):
                 task = by_id[p.id][0]
-                traces = chosen_traces[p.id]
-                if use_teacher and traces is not None:
+                traces = teacher_traces[p.id]
+                if traces is not None:
                     if cfg.traces.orders == "one":
                         pos = task.planned_position
-                    trace = traces[pos]
+                    written = [(pos, traces[pos])]
                     accepted += 1
                 else:
-                    reasoning, scores, agrees = bootstrap_reasoning(p.exemplars, p.prompt, p.chosen, p.rejected, pos,
-                                                                    brief=cfg.traces.style == "brief")
-                    trace = Trace(reasoning, pos, scores, "bootstrap:stylometry").to_json()
-                    agree += int(agrees)
-                    if use_teacher:
-                        fallback += 1
-                    else:
-                        accepted += 1
-                positions[pos] += 1
-                row = p.to_json()
-                row["trace"] = trace
-                rows.append(row)
+                    orders = (pos, "B" if pos == "A" else "A") if cfg.traces.both_orders else (pos,)
+                    written = []
+                    for o in orders:
+                        t = evidence_trace(p.exemplars, p.prompt, p.chosen, p.rejected, o, brief=brief)
+                        written.append((o, Trace(t.reasoning, o, t.scores, "bootstrap:evidence").to_json()))
+                for o, trace in written:
+                    positions[o] += 1
+                    row = p.to_json()
+                    row["trace"] = trace
+                    rows.append(row)
+        # Seeded shuffle: consecutive rows never belong to one author, so --data.max_samples (a prefix)
+        # still covers every author.
+        rows.sort(key=lambda row: seeded_key(cfg.seed, "sft_order", row["id"], row["trace"]["chosen_position"]))
         files[name] = rows
+    n_boot = sum(bootstrap.values())
     trace_stats.update({
-        "pairs_attempted": attempted, "pairs_with_trace": accepted + fallback, "teacher_accepted": accepted
-        if use_teacher else 0, "bootstrap_fallback": fallback,
-        "acceptance_rate": round(accepted / attempted, 4) if attempted else None,
+        "pairs_attempted": attempted,
+        "pairs_with_trace": accepted + bootstrap["favours_real"],
+        "teacher_accepted": accepted,
+        # Teacher judgments that ranked the real text higher, over the pairs they were tried on;
+        # None without a teacher (nothing was accepted by anyone).
+        "acceptance_rate": round(accepted / attempted, 4) if use_teacher and attempted else None,
+        "bootstrap_fallback": n_boot,
+        "bootstrap_written": bootstrap["favours_real"],
+        # Pairs whose evidence favours the other text or ties get no bootstrap trace.
+        "bootstrap_skipped": {k: bootstrap[k] for k in ("evidence_disagrees", "evidence_tied") if bootstrap[k]},
+        "bootstrap_evidence_agreement": round(bootstrap["favours_real"] / n_boot, 4) if n_boot else None,
+        "rows_per_pair": 2 if cfg.traces.both_orders else 1,
         "positions": dict(sorted(positions.items())),
     })
     if use_teacher:
@@ -492,18 +546,30 @@ def assemble(plan: Plan, results: dict[str, dict[str, Any]], cfg: SynthConfig,
         trace_stats["judgments"] = dict(sorted(trace_outcomes.items()))
         trace_stats["judgment_acceptance_rate"] = (round(trace_outcomes.get("accepted", 0) / judgments, 4)
                                                    if judgments else None)
-    if not use_teacher or fallback:
-        n_boot = fallback if use_teacher else accepted
-        trace_stats["bootstrap_stylometry_agreement"] = round(agree / n_boot, 4) if n_boot else None
     stats = {
         "planned": {s: dict(sorted(planned[s].items())) for s in SPLITS if planned[s]},
         "counts": {s: dict(sorted(counts[s].items())) for s in SPLITS if counts[s]},
         "rejected_pairs": {t: dict(sorted(c.items())) for t, c in sorted(rejected_pairs.items())},
         "failed_tries": {t: dict(sorted(c.items())) for t, c in sorted(failed_tries.items()) if c},
         "pair_duplicates_removed": duplicates,
+        "same_work_exemplars": {s: n for s in SPLITS
+                                if (n := sum(p.extra.get("split") == s and bool(p.extra.get("same_work_exemplars"))
+                                             for p in pairs))},
         "traces": trace_stats,
     }
     return files, stats
+
+
+def headline_types(cfg: SynthConfig) -> dict[str, list[str]]:
+    """Which negative types a headline number may include.
+
+    A type whose negative does not answer the pair's prompt can be told apart by topic
+    (``cross_author`` with ``--pairs.cross_author_prompt continuation``): it is reported, but
+    left out of headline numbers.
+    """
+    topic = [t for t in cfg.pairs.negative_types
+             if t == "cross_author" and cfg.pairs.cross_author_prompt == "continuation"]
+    return {"headline": [t for t in cfg.pairs.negative_types if t not in topic], "topic_separable": topic}
 
 
 def _sha256_file(path: Path) -> str:
@@ -609,6 +675,10 @@ def run_synth(cfg: SynthConfig, *, teacher: Any = None) -> dict[str, Any]:
         "splits": _split_summary(plan),
         "planning_skipped": dict(sorted(plan.skipped.items())),
         **stats,
+        "negative_types": headline_types(cfg),
+        # How far surface artefacts (fitted on train) and character n-grams tell real from negative text,
+        # per test split and type: near 0.5 for artefacts means no typography/length/truncation shortcut.
+        "shortcuts": shortcut_report(files["pairs.jsonl"]),
         "outputs": {name: {"rows": len(rows), "sha256": _sha256_file(out_dir / name)}
                     for name, rows in files.items()},
     }

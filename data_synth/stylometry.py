@@ -1,10 +1,11 @@
 """Stylometric features and evidence-grounded "bootstrap" reasoning traces.
 
-Without a teacher LLM, stage-1 traces are written from measurements: sentence length,
-punctuation habits, function-word profile, word length, vocabulary overlap with the
-exemplars, and (when the candidates differ in a few words only) the differing words
-themselves. The text cites the numbers, compares each candidate with the exemplars and
-ends in the correct answer; such traces are labelled ``bootstrap:stylometry``.
+Without a teacher LLM, stage-1 traces are written from evidence a reader can check in the
+texts: the content words each candidate shares with the exemplars and the person's visible
+habits (punctuation, person of address) each shows or breaks; the full style also cites
+sentence length, word length and function-word profile. A trace only argues for the verdict
+its evidence supports, and is only written when that verdict is the real text's (see
+:func:`evidence_trace`); such traces are labelled ``bootstrap:evidence``.
 
 Everything here is pure.
 """
@@ -14,7 +15,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 from .text import split_sentences, words
 
@@ -99,116 +100,146 @@ def compare(profile: Features, candidate: str) -> Comparison:
                       cosine(f.function_profile, profile.function_profile), overlap)
 
 
-def _habits(f: Features) -> str:
-    marks = sorted(((v, k) for k, v in f.punctuation.items() if v >= 0.5), reverse=True)[:3]
-    if marks:
-        return ", ".join(f"{v:.1f} {k}" for v, k in marks) + " per 100 words"
-    return "almost no punctuation beyond full stops"
+#: Habits a small model can check by looking (present or not), named as a trace names them.
+HABITS: tuple[tuple[str, Any], ...] = (
+    ("semicolons", ";"), ("colons", ":"), ("dashes", "\u2014"), ("exclamations", "!"),
+    ("questions", "?"), ("quotation marks", '"'), ("parentheses", "("),
+    ("first person", ("i", "me", "my", "mine")), ("second person", ("you", "your", "yours")),
+    ("first person plural", ("we", "us", "our", "ours")),
+)
+#: How a brief trace writes each habit.
+HABIT_MARKS = {"semicolons": ";", "colons": ":", "dashes": "\u2014", "exclamations": "!", "questions": "?",
+               "quotation marks": '"', "parentheses": "(", "first person": "I", "second person": "you",
+               "first person plural": "we"}
+MAX_SHARED = 8   # words listed (and counted) per candidate
+MIN_SHARED_LETTERS = 4
 
 
-def _diff_words(a: str, b: str) -> list[tuple[str, str]] | None:
-    ta, tb = a.split(), b.split()
-    if len(ta) != len(tb):
-        return None
-    diff = [(x, y) for x, y in zip(ta, tb) if x != y]
-    return diff if 0 < len(diff) <= 6 else None
+def habits(text: str) -> list[str]:
+    """The :data:`HABITS` ``text`` shows, in :data:`HABITS` order."""
+    toks = {w.lower() for w in words(text)}
+    found = []
+    for name, mark in HABITS:
+        if (mark in text) if isinstance(mark, str) else any(w in toks for w in mark):
+            found.append(name)
+    return found
 
 
-def _strip(token: str) -> str:
-    return "".join(c for c in token if c.isalpha() or c == "'").lower()
+def shared_words(exemplars: Sequence[str], text: str, limit: int = MAX_SHARED) -> list[str]:
+    """Content words of ``text`` (in order, once each) that also occur in the exemplars.
+
+    Content words: at least :data:`MIN_SHARED_LETTERS` letters and not function words,
+    compared lower-cased. At most ``limit`` are returned.
+    """
+    vocab = {w.lower() for ex in exemplars for w in words(ex)}
+    out: list[str] = []
+    for w in words(text):
+        lw = w.lower()
+        if len(lw) >= MIN_SHARED_LETTERS and lw not in FUNCTION_WORDS and lw in vocab and lw not in out:
+            out.append(lw)
+            if len(out) == limit:
+                break
+    return out
 
 
-def bootstrap_reasoning(exemplars: Sequence[str], prompt: str, chosen: str, rejected: str,
-                        chosen_position: str, brief: bool = False) -> tuple[str, tuple[int, int], bool]:
-    """A readable, evidence-grounded analysis ending in the correct answer.
+@dataclass(frozen=True)
+class Evidence:
+    """What one candidate shares with the exemplars, and the score a trace argues from."""
 
-    ``brief`` keeps only the key numbers and the conclusion (about a fifth of the length):
-    for small models and CPU runs, where every generated token counts.
+    shared: tuple[str, ...]
+    habits_shared: tuple[str, ...]
+    habits_foreign: tuple[str, ...]
 
-    Returns ``(reasoning, (score_A, score_B), agrees)``: the scores always rank the real text
-    (at ``chosen_position``) higher; ``agrees`` says whether the overall stylometric distance
-    also favours it (it may not: the trace then cites the measures that do and names the
-    ones that do not).
+    @property
+    def score(self) -> int:
+        return len(self.shared) + len(self.habits_shared) - len(self.habits_foreign)
+
+
+def evidence(exemplars: Sequence[str], text: str) -> Evidence:
+    person = set(habits("\n".join(exemplars)))
+    own = habits(text)
+    return Evidence(tuple(shared_words(exemplars, text)), tuple(h for h in own if h in person),
+                    tuple(h for h in own if h not in person))
+
+
+def _listing(items: Sequence[str], none: str = "none") -> str:
+    return ", ".join(items) if items else none
+
+
+def _evidence_line(pos: str, ev: Evidence) -> str:
+    n = len(ev.shared)
+    line = (f"Response {pos}: {n} word{'s' if n != 1 else ''} shared with the exemplars "
+            f"({_listing(ev.shared)}); the person's habits it shows: {_listing(ev.habits_shared)}")
+    if ev.habits_foreign:
+        line += f"; habits the person does not show: {_listing(ev.habits_foreign)}"
+    return line + "."
+
+
+@dataclass(frozen=True)
+class EvidenceTrace:
+    """A reasoning trace argued from evidence, or why none could be written."""
+
+    reasoning: str | None
+    scores: tuple[int, int] | None
+    outcome: str      # "favours_real", "evidence_disagrees" or "evidence_tied"
+
+
+def evidence_trace(exemplars: Sequence[str], prompt: str, chosen: str, rejected: str,
+                   chosen_position: str, brief: bool = True) -> EvidenceTrace:
+    """A trace that argues only from what it can show, for the real text at ``chosen_position``.
+
+    The evidence: content words each candidate shares with the exemplars (listed, counted)
+    and the person's visible habits (:data:`HABITS`) each candidate shows or breaks. The
+    trace is written only when that evidence favours the real text (``favours_real``); when
+    it points the other way or ties, no trace is written (the outcome says which), since a
+    trace that concluded for the real text anyway would teach a verdict without evidence.
+    Nothing in it depends on knowing which text is real beyond the verdict the evidence gives.
+    ``brief=False`` adds the stylometric measures that favour the same verdict, and only those.
+
+    Returns scores ``(score_A, score_B)`` that grow apart with the evidence margin.
     """
     if chosen_position not in ("A", "B"):
         raise ValueError(f"chosen_position must be 'A' or 'B', got {chosen_position!r}")
     real, other = chosen_position, "B" if chosen_position == "A" else "A"
-    profile = features("\n\n".join(exemplars))
-    cmp = {real: compare(profile, chosen), other: compare(profile, rejected)}
-    text = {real: chosen, other: rejected}
-
-    top_function = sorted(profile.function_profile.items(), key=lambda kv: -kv[1])[:5]
-    distinctive = sorted(profile.content_words, key=lambda w: (-len(w), w))[:4]
-    lines = [
-        f"The {len(exemplars)} exemplar(s) show a writer whose sentences average "
-        f"{profile.sentence_length:.1f} words, with words of {profile.word_length:.2f} letters on average "
-        f"and {_habits(profile)}. Their most frequent function words are "
-        + ", ".join(f'"{w}"' for w, _ in top_function)
-        + ("; their vocabulary includes words such as " + ", ".join(f'"{w}"' for w in distinctive) + "."
-           if distinctive else "."),
-        "",
-    ]
-    for pos in ("A", "B"):
-        c = cmp[pos]
-        lines.append(
-            f"Response {pos}: sentences average {c.features.sentence_length:.1f} words, words "
-            f"{c.features.word_length:.2f} letters, {_habits(c.features)}; its function-word profile has a "
-            f"cosine similarity of {c.function_similarity:.2f} with the exemplars, and "
-            f"{100 * c.vocabulary_overlap:.0f}% of its content words also occur in them.")
-    lines.append("")
-
-    measures = [
-        ("sentence length", cmp[real].sentence_gap, cmp[other].sentence_gap, "is closer to the exemplars' average"),
-        ("word length", cmp[real].word_length_gap, cmp[other].word_length_gap, "is closer to the exemplars' average"),
-        ("punctuation habits", cmp[real].punctuation_gap, cmp[other].punctuation_gap,
-         "is nearer the exemplars' rates"),
-        ("function words", -cmp[real].function_similarity, -cmp[other].function_similarity,
-         "uses function words more like the exemplars"),
-        ("vocabulary", -cmp[real].vocabulary_overlap, -cmp[other].vocabulary_overlap,
-         "shares more of the exemplars' vocabulary"),
-    ]
-    favour_real = [(name, why) for name, r, o, why in measures if r < o - 1e-9]
-    favour_other = [name for name, r, o, _ in measures if o < r - 1e-9]
-    for name, why in favour_real:
-        lines.append(f"On {name}, Response {real} {why} than Response {other}.")
-    if favour_other:
-        lines.append(f"Response {other} is closer on {', '.join(favour_other)}, so these measures alone "
-                     "do not settle it.")
-
-    diff = _diff_words(text[real], text[other])
-    if diff:
-        vocab = {w for ex in exemplars for w in (t.lower() for t in words(ex))}
-        ours = [_strip(x) for x, _ in diff]
-        theirs = [_strip(y) for _, y in diff]
-        in_real = sum(w in vocab for w in ours)
-        in_other = sum(w in vocab for w in theirs)
-        lines.append(
-            f"The two responses differ in only {len(diff)} words: Response {real} has "
-            + ", ".join(f'"{w}"' for w in ours) + f" where Response {other} has "
-            + ", ".join(f'"{w}"' for w in theirs) + ". "
-            f"{in_real} of Response {real}'s words and {in_other} of Response {other}'s appear in the exemplars. "
-            f"Everything else is identical, so the question is whose word choice this is: Response {other}'s "
-            "words look like synonyms swapped into the sentence, while Response "
-            f"{real}'s fit the register of the exemplars.")
-    d_real, d_other = cmp[real].distance(profile), cmp[other].distance(profile)
-    agrees = d_real < d_other
-    n_for = len(favour_real) + (1 if diff else 0)
-    lines.append("")
-    lines.append(
-        f"Overall, Response {real} matches this person's habits better"
-        + (f" on {len(favour_real)} of {len(measures)} measures" if favour_real else "")
-        + (" and in its word choice" if diff else "")
-        + f", so it is more likely to be their own writing than Response {other}.")
-    strength = max(0.0, min(1.0, (d_other - d_real) / 0.5 + 0.15 * n_for))
-    high = 7 + round(2 * strength)
-    low = max(1, high - 2 - round(3 * strength))
+    ev = {real: evidence(exemplars, chosen), other: evidence(exemplars, rejected)}
+    margin = ev[real].score - ev[other].score
+    if margin <= 0:
+        return EvidenceTrace(None, None, "evidence_tied" if margin == 0 else "evidence_disagrees")
+    person = habits("\n".join(exemplars))
+    high, low = min(9, 6 + margin), max(2, 5 - margin)
     scores = (high, low) if real == "A" else (low, high)
     if brief:
-        short = [f"Exemplars: {profile.sentence_length:.0f} words per sentence, {_habits(profile)}."]
+        # Compact, for small models: habits as the marks themselves, which a model can spot and copy.
+        def marks(names: Sequence[str]) -> str:
+            return " ".join(HABIT_MARKS[n] for n in names) or "none"
+
+        lines = [f"Person: {marks(person)}."]
         for pos in ("A", "B"):
-            c = cmp[pos]
-            short.append(f"Response {pos}: {c.features.sentence_length:.0f} words per sentence, function-word "
-                         f"similarity {c.function_similarity:.2f}, {100 * c.vocabulary_overlap:.0f}% shared vocabulary.")
-        short.append(lines[-1])
-        return "\n".join(short), scores, agrees
-    return "\n".join(lines), scores, agrees
+            e = ev[pos]
+            line = f"{pos}: {len(e.shared)} shared ({_listing(e.shared)}); habits {marks(e.habits_shared)}"
+            if e.habits_foreign:
+                line += f"; not theirs {marks(e.habits_foreign)}"
+            lines.append(line + ".")
+        lines.append(f"A: {ev['A'].score}, B: {ev['B'].score}. {real} is closer.")
+        return EvidenceTrace("\n".join(lines), scores, "favours_real")
+    lines = [f"The person's habits in the exemplars: {_listing(person)}."]
+    lines += [_evidence_line(pos, ev[pos]) for pos in ("A", "B")]
+    profile = features("\n\n".join(exemplars))
+    cmp = {real: compare(profile, chosen), other: compare(profile, rejected)}
+    measures = [
+        ("sentence length", cmp[real].sentence_gap < cmp[other].sentence_gap,
+         f"its sentences average {cmp[real].features.sentence_length:.0f} words against the exemplars' "
+         f"{profile.sentence_length:.0f} and Response {other}'s {cmp[other].features.sentence_length:.0f}"),
+        ("word length", cmp[real].word_length_gap < cmp[other].word_length_gap,
+         f"its words average {cmp[real].features.word_length:.2f} letters against the exemplars' "
+         f"{profile.word_length:.2f} and Response {other}'s {cmp[other].features.word_length:.2f}"),
+        ("function words", cmp[real].function_similarity > cmp[other].function_similarity,
+         f"its function words are closer to the exemplars' (cosine {cmp[real].function_similarity:.2f} "
+         f"against {cmp[other].function_similarity:.2f})"),
+    ]
+    for name, favours, why in measures:
+        if favours:
+            lines.append(f"On {name}, Response {real} is closer: {why}.")
+    lines.append(f"Response {real} shares more of the person's words and habits than Response {other} "
+                 f"({ev[real].score} against {ev[other].score}), so it is more likely their writing.")
+    return EvidenceTrace("\n".join(lines), scores, "favours_real")

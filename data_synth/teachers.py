@@ -100,6 +100,29 @@ class ResponseCache:
             self._db.close()
 
 
+_CACHED_REPLY = "\x00persrm-reply\x00"
+
+
+def _to_cache(text: str) -> str:
+    # A reply cut at max_tokens must stay known as cut when it comes back from the cache.
+    reason = getattr(text, "finish_reason", None)
+    return _CACHED_REPLY + json.dumps({"text": str(text), "finish_reason": reason}) if reason else str(text)
+
+
+def _from_cache(stored: str) -> str:
+    from openrlhf_persrm.judges.openai_client import ChatText
+
+    if stored.startswith(_CACHED_REPLY):
+        obj = json.loads(stored[len(_CACHED_REPLY):])
+        return ChatText(obj["text"], obj.get("finish_reason"))
+    return stored
+
+
+def truncated(reply: str) -> bool:
+    """True if the teacher stopped because it reached ``max_tokens`` (the reply is cut off)."""
+    return getattr(reply, "finish_reason", None) == "length"
+
+
 class CachedTeacher:
     """Wraps a teacher with a :class:`ResponseCache`."""
 
@@ -115,9 +138,9 @@ class CachedTeacher:
         hit = self.cache.get(key)
         if hit is not None:
             self.stats["cache_hits"] += 1
-            return hit
+            return _from_cache(hit)
         text = await self.inner.chat(request)
-        self.cache.put(key, text)
+        self.cache.put(key, _to_cache(text))
         return text
 
     async def aclose(self) -> None:
@@ -250,8 +273,12 @@ class TransformersTeacher:
                     pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
             n_prompt = enc["input_ids"].shape[1]
             self.stats["requests"] += 1
-            self.stats["generated_tokens"] += int(out.shape[1] - n_prompt)
-            return tok.decode(out[0, n_prompt:], skip_special_tokens=True)
+            new = out[0, n_prompt:]
+            self.stats["generated_tokens"] += int(new.shape[0])
+            from openrlhf_persrm.judges.openai_client import ChatText
+
+            cut = new.shape[0] >= request.max_tokens and int(new[-1]) != tok.eos_token_id
+            return ChatText(tok.decode(new, skip_special_tokens=True), "length" if cut else "stop")
 
     async def chat(self, request: ChatRequest) -> str:
         return await asyncio.to_thread(self._generate, request)

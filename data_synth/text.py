@@ -24,6 +24,30 @@ def normalize_space(text: str) -> str:
     return " ".join(text.split())
 
 
+_TYPOGRAPHY = str.maketrans({
+    "\u201c": '"', "\u201d": '"', "\u201e": '"', "\u00ab": '"', "\u00bb": '"',
+    "\u2018": "'", "\u2019": "'", "\u201a": "'", "\u2032": "'",
+    "\u00a0": " ", "\u2009": " ", "\u202f": " ",
+    "*": None, "_": None,
+})
+
+
+def normalize_typography(text: str) -> str:
+    """One typography for every text of a pair: real, teacher-written and exemplars alike.
+
+    Curly quotes become straight, ``--`` and spaced en dashes become an em dash, ``...``
+    characters become three dots, emphasis markers (``*``, ``_``) go, whitespace (newlines
+    included) collapses to single spaces. Applied to both sides of a pair, it leaves a
+    judge nothing to tell real from generated text by but the words.
+
+    >>> print(normalize_typography('\u201cWell\u2019s\u201d -- _he_ said\u2026\\n*Yes*'))
+    "Well's" \u2014 he said... Yes
+    """
+    text = text.translate(_TYPOGRAPHY).replace("\u2026", "...").replace("--", "\u2014")
+    text = text.replace(" \u2013 ", " \u2014 ")
+    return normalize_space(text)
+
+
 def split_sentences(text: str) -> list[str]:
     """Split a paragraph into sentences (rule-based, English).
 

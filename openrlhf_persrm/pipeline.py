@@ -43,7 +43,9 @@ from . import __version__
 
 STAGES = ("synth", "sft", "grpo", "policy", "eval")
 MODEL_JUDGES = ("base", "sft", "grpo")
-BASELINE_JUDGES = ("random", "length", "stylometry")
+BASELINE_JUDGES = ("random", "length", "stylometry", "artefact")
+#: Judges that read the untrained base model's likelihoods (no generation).
+LIKELIHOOD_JUDGES = ("fluency", "likelihood")
 
 
 class RecipeError(ValueError):
@@ -59,11 +61,25 @@ class EvalSpec:
     both_orders: bool = False  # judge each pair twice (real text at A, then at B): position consistency
     judges: list[str] = field(default_factory=lambda: ["random", "stylometry", "base", "sft", "grpo"])
     flags: dict[str, Any] = field(default_factory=dict)  # extra `persrm eval` flags for model judges
+    #: Learning curve: every saved SFT/GRPO checkpoint judged on {split, limit} (both orders), e.g.
+    #: {"split": "validation", "limit": 40}; None: no curve.
+    curve: dict[str, Any] | None = None
+    #: Per-judge pair limits that override ``limit``, e.g. {"base": 50} for a slow untrained judge.
+    judge_limits: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        bad = [j for j in self.judges if j not in BASELINE_JUDGES + MODEL_JUDGES]
+        known = BASELINE_JUDGES + LIKELIHOOD_JUDGES + MODEL_JUDGES
+        bad = [j for j in self.judges if j not in known]
         if bad:
-            raise RecipeError(f"eval.judges: unknown {bad}; choose from {list(BASELINE_JUDGES + MODEL_JUDGES)}")
+            raise RecipeError(f"eval.judges: unknown {bad}; choose from {list(known)}")
+        unknown = sorted(set(self.judge_limits) - set(self.judges))
+        if unknown:
+            raise RecipeError(f"eval.judge_limits names {unknown}, which are not in eval.judges")
+        if self.curve is not None:
+            unknown = sorted(set(self.curve) - {"split", "limit"})
+            if unknown or not self.curve.get("split"):
+                raise RecipeError(f"eval.curve: expected {{split, limit}} (e.g. {{split: validation, limit: 40}}), "
+                                  f"got {self.curve}")
 
 
 @dataclass
@@ -196,8 +212,15 @@ class Stage:
 class Pipeline:
     """Plans and runs a recipe's stages; see the module docstring."""
 
-    def __init__(self, recipe: Recipe, *, python: str = sys.executable, verbose: bool = False):
+    def __init__(self, recipe: Recipe, *, python: str = sys.executable, verbose: bool = False,
+                 judges: Sequence[str] | None = None):
         self.r = recipe
+        self.judges = list(judges) if judges is not None else None
+        if self.judges is not None and recipe.eval is not None:
+            unknown = [j for j in self.judges if j not in recipe.eval.judges + ["curve"]]
+            if unknown:
+                raise RecipeError(f"--judges {unknown}: not in the recipe's eval.judges {recipe.eval.judges} "
+                                  "(or 'curve')")
         self.python = python
         self.verbose = verbose
         #: Relative paths in the recipe are resolved against where the command runs.
@@ -242,7 +265,7 @@ class Pipeline:
             argv = [*launch, "openrlhf_persrm.cli.train_sft", *mode, "--dataset_plugin", "persrm_sft",
                     "--data.dataset", str(data / "sft.jsonl"), "--model.model_name_or_path", model,
                     "--ckpt.output_dir", str(self.work / "sft"), "--ckpt.save_hf", "--train.seed", str(r.seed),
-                    *cache, *_flags(sft)]
+                    "--ckpt.path", str(self.work / "sft_ckpt"), *cache, *_flags(sft)]
             stages.append(Stage("sft", argv, [str(self.work / "sft" / "config.json")], {"sft": sft},
                                 launcher="train_sft", inputs={"data.dataset": str(data / "sft.jsonl"),
                                                               "model.model_name_or_path": model},
@@ -255,7 +278,8 @@ class Pipeline:
             argv = [py, "-m", "openrlhf_persrm.cli.train_ppo_ray", *mode, "--reward_plugin", "persrm_rule",
                     "--dataset_plugin", "persrm_rl", "--data.prompt_dataset", str(data / "rl.jsonl"),
                     "--actor.model_name_or_path", actor, "--ckpt.output_dir", str(self.work / "grpo"),
-                    "--ckpt.save_hf", "--train.seed", str(r.seed), *cache, *_flags(flags)]
+                    "--ckpt.save_hf", "--train.seed", str(r.seed), "--ckpt.path", str(self.work / "grpo_ckpt"),
+                    *cache, *_flags(flags)]
             stages.append(Stage("grpo", argv, [str(self.work / "grpo" / "config.json")], {"grpo": grpo},
                                 launcher="train_ppo_ray",
                                 inputs={"data.prompt_dataset": str(data / "rl.jsonl"),
@@ -360,9 +384,10 @@ class Pipeline:
         models = {"base": self.model_id(), "sft": str(self.work / "sft"), "grpo": str(self.work / "grpo")}
         for judge in self.r.eval.judges:  # type: ignore[union-attr]
             err = io.StringIO()
+            model = models.get(judge, self.model_id())
             try:
                 with contextlib.redirect_stderr(err):
-                    make_parser().parse_args(self.eval_argv(judge, models.get(judge)))
+                    make_parser().parse_args(self.eval_argv(judge, model))
             except SystemExit:
                 lines = err.getvalue().strip().splitlines()
                 problems.append(f"eval ({judge}): persrm eval's parser refused the flags: "
@@ -387,7 +412,8 @@ class Pipeline:
             elif stage.name == "eval":
                 models = {"base": self.model_id(), "sft": str(self.work / "sft"), "grpo": str(self.work / "grpo")}
                 for judge in self.r.eval.judges:  # type: ignore[union-attr]
-                    print("   persrm eval " + shlex.join(self.eval_argv(judge, models.get(judge))), file=out)
+                    print("   persrm eval " + shlex.join(self.eval_argv(judge, models.get(judge, self.model_id()))),
+                          file=out)
             for note in notes:
                 print(f"   reads  {note}", file=out)
             for path in stage.outputs:
@@ -418,7 +444,8 @@ class Pipeline:
                 print(f"== [{i}/{len(stages)}] {stage.name}: " + ("complete, skipped" if done else "not selected"),
                       flush=True)
                 continue
-            needs_base = "@base" in stage.argv or (stage.name == "eval" and "base" in self.r.eval.judges)
+            needs_base = "@base" in stage.argv or (stage.name == "eval" and any(
+                j in self.r.eval.judges for j in ("base",) + LIKELIHOOD_JUDGES))
             if needs_base and base is None:
                 base = self.base_model()
             argv = [base if a == "@base" else a for a in stage.argv]
@@ -440,8 +467,11 @@ class Pipeline:
                                                       seconds=round(time.time() - t0, 1))
                 self._save_manifest(manifest)
                 raise
-            manifest["stages"][stage.name].update(status="done", seconds=round(time.time() - t0, 1),
-                                                  outputs=stage.outputs, argv=argv)
+            partial = stage.name == "eval" and self.judges is not None and not set(
+                self.r.eval.judges + ["curve"]) <= set(self.judges)
+            manifest["stages"][stage.name].update(status="partial" if partial else "done",
+                                                  seconds=round(time.time() - t0, 1), outputs=stage.outputs,
+                                                  argv=argv, **({"judges": self.judges} if partial else {}))
             print(f"   {stage.name} done in {time.time() - t0:.0f} s", flush=True)
             if stage.weights is not None:
                 self._check_weights(stage, manifest["stages"][stage.name], base)
@@ -524,12 +554,15 @@ class Pipeline:
                             "grpo": "PersRM SFT+GRPO"}.get(judge, judge)]
         if spec.split:
             argv += ["--split", spec.split]
-        if spec.limit:
-            argv += ["--limit", str(spec.limit)]
+        limit = spec.judge_limits.get(judge, spec.limit)
+        if limit:
+            argv += ["--limit", str(limit)]
         if spec.both_orders:
             argv += ["--both_orders"]
         if judge in MODEL_JUDGES:
             argv += ["--judge", "model", "--model", str(model)] + _flags(spec.flags)
+        elif judge in LIKELIHOOD_JUDGES:  # scored by the base model's likelihoods
+            argv += ["--judge", judge, "--model", str(model)]
         else:
             argv += ["--judge", judge]
         return argv
@@ -543,16 +576,74 @@ class Pipeline:
         out = self.work / "eval"
         models = {"base": base, "sft": str(self.work / "sft"), "grpo": str(self.work / "grpo")}
         metrics = []
+        selected = self.judges if self.judges is not None else spec.judges + ["curve"]
         for judge in spec.judges:
             run_dir = out / judge
-            argv = self.eval_argv(judge, models[judge] if judge in MODEL_JUDGES else None)
+            if judge not in selected:
+                if (run_dir / "metrics.json").exists():
+                    metrics.append(str(run_dir / "metrics.json"))
+                continue
+            argv = self.eval_argv(judge, models[judge] if judge in MODEL_JUDGES else base)
+            metrics.append(str(run_dir / "metrics.json"))
+            # A judge already evaluated with the same command is not judged again (resume after a crash;
+            # `persrm eval` writes metrics.json last, atomically).
+            stamp = run_dir / "argv.json"
+            if (run_dir / "metrics.json").exists() and stamp.exists() and json.loads(stamp.read_text()) == argv:
+                print(f"   eval: {judge} (complete, skipped)", flush=True)
+                continue
             print(f"   eval: {judge}", flush=True)
             rc = eval_main(argv)
             if rc != 0:
                 raise RuntimeError(f"persrm eval {judge} failed (exit {rc})")
-            metrics.append(str(run_dir / "metrics.json"))
+            stamp.write_text(json.dumps(argv))
+        if spec.curve and "curve" in selected:
+            self._run_curve(spec, out / "curve")
         table = compare(metrics, str(out / "compare.png"), str(out / "compare.md"))
         print(table, flush=True)
+
+    def checkpoints(self) -> list[tuple[str, int, str]]:
+        """``(stage, step, path)`` of every saved HF checkpoint, SFT then GRPO, in step order."""
+        import re
+
+        found: list[tuple[str, int, str]] = []
+        for stage in ("sft", "grpo"):
+            root = self.work / f"{stage}_ckpt"
+            steps = []
+            for p in root.glob("global_step*_hf") if root.exists() else []:
+                m = re.fullmatch(r"global_step(\d+)_hf", p.name)
+                if m and (p / "config.json").exists():
+                    steps.append((int(m.group(1)), str(p)))
+            found += [(stage, step, path) for step, path in sorted(steps)]
+            final = self.work / stage
+            if (final / "config.json").exists() and not any(s == stage for s, _, _ in found[-1:]):
+                found.append((stage, -1, str(final)))
+        return found
+
+    def _run_curve(self, spec: EvalSpec, out: Path) -> None:
+        """The learning curve: every checkpoint judged on ``spec.curve``'s split (both orders)."""
+        from .eval.cli import main as eval_main
+        from .eval.report import plot_curve
+
+        assert spec.curve is not None
+        points = []
+        for stage, step, path in self.checkpoints():
+            run_dir = out / f"{stage}_{step}"
+            if not (run_dir / "metrics.json").exists():
+                argv = ["--pairs", str(self.data / "pairs.jsonl"), "--out", str(run_dir), "--seed", str(self.r.seed),
+                        "--split", spec.curve["split"], "--both_orders", "--judge", "model", "--model", path,
+                        "--label", f"{stage} step {step}"] + _flags(spec.flags)
+                if spec.curve.get("limit"):
+                    argv += ["--limit", str(spec.curve["limit"])]
+                print(f"   eval curve: {stage} step {step}", flush=True)
+                if eval_main(argv) != 0:
+                    raise RuntimeError(f"persrm eval of {path} failed")
+            m = json.loads((run_dir / "metrics.json").read_text())
+            points.append({"stage": stage, "step": step, "path": path, "accuracy": m["overall"]["accuracy"],
+                           "ci95": m["overall"].get("ci95"), "consistency": m.get("consistency"),
+                           "format_failure_rate": m.get("format_failure_rate")})
+        (out / "curve.json").write_text(json.dumps(points, indent=2))
+        if points:
+            plot_curve(points, str(out / "learning_curve.png"), split=spec.curve["split"])
 
     # ------------------------------------------------------------------ manifest
     def _load_manifest(self) -> dict[str, Any]:
@@ -631,11 +722,13 @@ def weights_changed(before: str, after: str) -> bool | None:
 
 
 def run_recipe(path: str, *, only: Sequence[str] = (), verbose: bool = False, workdir: str | None = None,
-               dry_run: bool = False) -> Any:
+               corpus: str | None = None, judges: Sequence[str] | None = None, dry_run: bool = False) -> Any:
     recipe = Recipe.load(path)
     if workdir:
         recipe.workdir = workdir
-    pipeline = Pipeline(recipe, verbose=verbose)
+    if corpus:
+        recipe.synth["input"] = os.path.abspath(corpus) if corpus != "demo" else corpus
+    pipeline = Pipeline(recipe, verbose=verbose, judges=judges)
     if dry_run:
         return pipeline.dry_run(only)
     return pipeline.run(only)

@@ -114,9 +114,11 @@ class FakeOpenAIServer:
 
     def __init__(self, *, latency: float = 0.0, fail_rate: float = 0.0, slow_rate: float = 0.0,
                  slow_seconds: float = 3.0, malformed_rate: float = 0.0, bad_content_rate: float = 0.1,
+                 truncate_rate: float = 0.0,
                  model: str = "fake-teacher", host: str = "127.0.0.1", port: int = 0):
         self.latency, self.fail_rate, self.slow_rate = latency, fail_rate, slow_rate
         self.slow_seconds, self.malformed_rate, self.bad_content_rate = slow_seconds, malformed_rate, bad_content_rate
+        self.truncate_rate = truncate_rate  # replies cut mid-sentence, as at max_tokens ("length")
         self.model, self.host, self.port = model, host, port
         self.stats: Counter = Counter()
         self.in_flight = 0
@@ -200,12 +202,17 @@ class FakeOpenAIServer:
             else:
                 text = continuation_reply(user, rng, self.bad_content_rate)
                 self.stats["continuation"] += 1
+            finish = "stop"
+            if _bucket(key, "truncate") < self.truncate_rate:
+                text = " ".join(text.split()[: max(3, len(text.split()) // 2)]).rstrip(".!?\"'")
+                finish = "length"
+                self.stats["truncated"] += 1
             self.stats["ok"] += 1
             return 200, {
                 "id": "chatcmpl-" + key[:12], "object": "chat.completion", "created": int(time.time()),
                 "model": self.model,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                             "finish_reason": "stop"}],
+                             "finish_reason": finish}],
                 "usage": {"prompt_tokens": len(user.split()), "completion_tokens": len(text.split()),
                           "total_tokens": len(user.split()) + len(text.split())},
             }

@@ -10,7 +10,7 @@ from openrlhf_persrm.pipeline import Pipeline, Recipe, RecipeError
 
 def _recipe(tmp_path, **overrides):
     data = {"name": "t", "model": "unused-model", "workdir": str(tmp_path / "run"),
-            "synth": {"input": "demo", "teacher.backend": "offline",
+            "synth": {"input": "demo", "teacher.backend": "offline", "split.unseen_authors": 3,
                       "pairs.negative_types": "minor_replacement,cross_author"},
             "eval": {"split": "test_unseen_authors", "limit": 20, "judges": ["random", "stylometry"]}}
     data.update(overrides)
@@ -38,7 +38,23 @@ def test_synth_and_baseline_eval_then_skip_then_rerun_changed_stage(tmp_path, ca
     Pipeline(Recipe.load(changed)).run()
     out = capsys.readouterr().out
     assert "synth: complete, skipped" in out and "eval: running" in out
-    assert json.loads((run / "eval" / "random" / "metrics.json").read_text())["overall"]["n"] == 10
+    assert json.loads((tmp_path / "run" / "eval" / "random" / "metrics.json").read_text())["overall"]["n"] == 10
+
+
+def test_judges_option_adds_one_judge_and_leaves_the_stage_unfinished(tmp_path, capsys):
+    both = _recipe(tmp_path)
+    manifest = Pipeline(Recipe.load(both), judges=["random"]).run()
+    assert manifest["stages"]["eval"]["status"] == "partial"
+    run = tmp_path / "run"
+    assert (run / "eval" / "random" / "metrics.json").exists()
+    assert not (run / "eval" / "stylometry").exists()
+    capsys.readouterr()
+    manifest = Pipeline(Recipe.load(both)).run()       # the rest, random not judged again
+    out = capsys.readouterr().out
+    assert manifest["stages"]["eval"]["status"] == "done"
+    assert "eval: random (complete, skipped)" in out and "eval: stylometry" in out
+    with pytest.raises(RecipeError, match="--judges"):
+        Pipeline(Recipe.load(both), judges=["grpo"])
 
 
 @pytest.mark.parametrize("overrides,match", [
@@ -94,21 +110,24 @@ def test_dry_run_every_shipped_recipe(recipe_path, tmp_path, monkeypatch):
     parser; inputs that must exist are checked."""
     import io
 
-    monkeypatch.chdir(tmp_path)
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
     recipe = Recipe.load(recipe_path)
     needs_corpus = recipe.synth["input"] != "demo"
+    corpus = (cwd / recipe.synth["input"]).resolve()
     if needs_corpus:
-        with pytest.raises(RecipeError, match=f"synth.input {tmp_path}/data/corpus.jsonl.gz does not exist"):
+        with pytest.raises(RecipeError, match=f"synth.input {corpus} does not exist"):
             Pipeline(recipe).dry_run(out=io.StringIO())
-        _corpus(tmp_path / "data", 5)
+        _corpus(corpus.parent, 5).rename(corpus)
     out = io.StringIO()
     plan = {s["name"]: s for s in Pipeline(recipe).dry_run(out=out)}
     text = out.getvalue()
     assert "plan OK" in text
-    work = tmp_path / "runs" / recipe.name
+    work = cwd / "runs" / recipe.name
     assert f"workdir: {work}" in text
     synth = plan["synth"]["argv"]
-    assert synth[synth.index("--input") + 1] == ("demo" if not needs_corpus else str(tmp_path / "data/corpus.jsonl.gz"))
+    assert synth[synth.index("--input") + 1] == ("demo" if not needs_corpus else str(corpus))
     for stage in plan.values():
         argv = stage["argv"]
         for flag in ("--data.dataset", "--data.prompt_dataset", "--ckpt.output_dir", "--persrm.cache_dir"):

@@ -161,4 +161,7 @@ def test_transformers_backend_with_a_tiny_model(tiny_model, tmp_path):
     planned = sum(v.get("style_random", 0) for v in manifest["planned"].values())
     made = sum(v.get("style_random", 0) for v in manifest["counts"].values())
     assert planned == made + sum(manifest["rejected_pairs"].get("style_random", {}).values())
-    assert manifest["traces"]["bootstrap_fallback"] == manifest["traces"]["pairs_with_trace"]
+    traces = manifest["traces"]
+    assert traces["teacher_accepted"] == 0 and traces["acceptance_rate"] == 0.0
+    assert traces["bootstrap_written"] == traces["pairs_with_trace"]
+    assert traces["bootstrap_written"] + sum(traces["bootstrap_skipped"].values()) == traces["bootstrap_fallback"]

@@ -16,7 +16,7 @@ from data_synth.config import PairConfig, SplitConfig, SynthConfig, TeacherConfi
 from data_synth.corpus import CorpusFormatError, load_corpus
 from data_synth.lexicon import find_wordnet_dir, load_wordnet
 from data_synth.negatives import NegativeBounds, check_negative, clean_continuation, minor_replacement
-from data_synth.stylometry import bootstrap_reasoning
+from data_synth.stylometry import evidence, evidence_trace
 from data_synth.text import levenshtein, normalize_space, split_prompt, split_sentences
 from openrlhf_persrm.judge_format import format_target, parse_judgment
 from openrlhf_persrm.pairs import Trace
@@ -162,14 +162,42 @@ def test_minor_replacement_changes_only_the_listed_words(wordnet, demo_texts):
     assert made >= 20
 
 
+EX = ["It was a dark night; the ship rolled heavily, and I watched the harbour lights from my window."]
+NEAR = "The ship rolled; I watched the dark harbour, and the lights went out one by one."
+FAR = "Wow! This blender is great, you will love how fast it works!"
+
+
 @pytest.mark.parametrize("position", ["A", "B"])
-def test_bootstrap_trace_ranks_the_real_text_higher(position, demo_texts):
-    exemplars, chosen, rejected = demo_texts[:2], demo_texts[2], demo_texts[200]
-    reasoning, scores, _ = bootstrap_reasoning(exemplars, "Prompt.", chosen, rejected, position)
-    trace = Trace.from_json({"reasoning": reasoning, "chosen_position": position, "scores": list(scores)})
+@pytest.mark.parametrize("brief", [True, False])
+def test_evidence_trace_argues_for_the_text_its_evidence_favours(position, brief):
+    t = evidence_trace(EX, "Prompt.", NEAR, FAR, position, brief=brief)
+    assert t.outcome == "favours_real"
+    trace = Trace.from_json({"reasoning": t.reasoning, "chosen_position": position, "scores": list(t.scores)})
     parsed = parse_judgment(format_target(trace.reasoning, *trace.scores))
     assert parsed.ok and parsed.preferred == position
-    assert "exemplar" in reasoning and "Response A" in reasoning and "Response B" in reasoning
+    # It cites the shared words it counted, and claims nothing only the label could tell.
+    for w in evidence(EX, NEAR).shared:
+        assert w in t.reasoning
+    for claim in ("synonym", "swapped", "real text", "generated", "copied"):
+        assert claim not in t.reasoning.lower()
+
+
+@pytest.mark.parametrize("position", ["A", "B"])
+def test_no_evidence_trace_when_the_evidence_favours_the_negative(position):
+    # Same texts on screen, labels flipped: the evidence still favours NEAR, so no trace may
+    # conclude for FAR. A trace that restated the label would.
+    t = evidence_trace(EX, "Prompt.", FAR, NEAR, position)
+    assert t.reasoning is None and t.scores is None and t.outcome == "evidence_disagrees"
+    tie = evidence_trace(EX, "Prompt.", NEAR, NEAR.replace("ship", "boat").replace("dark", "black"), position)
+    assert tie.outcome in ("evidence_disagrees", "favours_real")
+
+
+def test_evidence_trace_depends_only_on_what_is_shown():
+    # The real text at A or at B: the same evidence lines, scores swapped.
+    a = evidence_trace(EX, "Prompt.", NEAR, FAR, "A")
+    b = evidence_trace(EX, "Prompt.", NEAR, FAR, "B")
+    assert a.scores == b.scores[::-1]
+    assert a.reasoning.splitlines()[0] == b.reasoning.splitlines()[0]
 
 
 @pytest.mark.parametrize("make, flag", [

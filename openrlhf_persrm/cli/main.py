@@ -47,6 +47,9 @@ def make_parser() -> argparse.ArgumentParser:
     pipe.add_argument("recipe", help="a recipe file, e.g. recipes/demo-cpu.yaml")
     pipe.add_argument("--only", nargs="*", default=[], help="run only these stages (synth sft grpo policy eval)")
     pipe.add_argument("--workdir", default=None, help="override the recipe's workdir")
+    pipe.add_argument("--input", default=None, help="override the recipe's synth.input (the corpus to train on)")
+    pipe.add_argument("--judges", nargs="*", default=None,
+                      help="eval stage: judge only these of the recipe's eval.judges (the others are left as they are)")
     pipe.add_argument("--verbose", action="store_true", help="stream every stage's full output")
     pipe.add_argument("--dry_run", action="store_true",
                       help="resolve paths, build every stage's command, check it with OpenRLHF's own parser and "
@@ -75,7 +78,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         try:
             run_recipe(args.recipe, only=args.only, verbose=args.verbose, workdir=args.workdir,
-                       dry_run=args.dry_run)
+                       corpus=args.input, judges=args.judges, dry_run=args.dry_run)
         except RecipeError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2

@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-JUDGES = ("random", "length", "stylometry", "model")
+JUDGES = ("random", "length", "stylometry", "artefact", "fluency", "likelihood", "model")
+#: Judges that read a language model's likelihoods (they need --model, never --endpoint).
+LIKELIHOOD_JUDGES = ("fluency", "likelihood")
 
 
 def _f(default, help: str):
@@ -17,7 +19,7 @@ class EvalConfig:
     """What to evaluate, with which judge, and where the results go."""
 
     pairs: str = _f("", "pair JSONL to evaluate (the PersRM pair format)")
-    judge: str = _f("", "random | length | stylometry | model")
+    judge: str = _f("", "random | length | stylometry | artefact | fluency | likelihood | model")
     out: str = _f("", "folder for metrics.json, metrics.md, judgments.jsonl and accuracy_by_type.png")
     model: str = _f("", "--judge model: a checkpoint folder or smollm2-135m-instruct; with --endpoint, "
                         "the served model name (default: the first the endpoint lists)")
@@ -38,6 +40,8 @@ class EvalConfig:
     max_new_tokens: int = _f(512, "--judge model: tokens the judge may write")
     batch_size: int = _f(8, "--judge model (local): prompts generated together")
     concurrency: int = _f(8, "--judge model (endpoint): requests in flight")
+    fit_split: str = _f("train", "--judge artefact: the split of --pairs (all of its rows, whatever --split and "
+                                 "--limit say) the artefact classifier is fitted on")
     label: str = _f("", "name of this judge in tables and comparison plots (default: derived from the judge)")
 
     def __post_init__(self) -> None:
@@ -50,7 +54,11 @@ class EvalConfig:
         if self.judge == "model" and not (self.model or self.endpoint):
             raise ValueError("--judge model needs --model PATH (a checkpoint folder or smollm2-135m-instruct) "
                              "or --endpoint URL (an OpenAI-compatible API root, e.g. http://localhost:8000/v1)")
-        if self.judge != "model":
+        if self.judge in LIKELIHOOD_JUDGES:
+            if not self.model or self.endpoint:
+                raise ValueError(f"--judge {self.judge} reads a local model's likelihoods: pass --model PATH (a "
+                                 "checkpoint folder or smollm2-135m-instruct) and no --endpoint")
+        elif self.judge != "model":
             for flag, value in (("--model", self.model), ("--endpoint", self.endpoint)):
                 if value:
                     raise ValueError(f"{flag} {value!r} is only used by --judge model, not --judge {self.judge}; "

@@ -202,6 +202,241 @@ class StylometryJudge(PairwiseJudge):
         return self.similarity(record.exemplars, a), self.similarity(record.exemplars, b)
 
 
+# --------------------------------------------------------------------------- artefact judge
+
+_CURLY = "\u201c\u201d\u2018\u2019\u201e\u00ab\u00bb"
+_TERMINAL = re.compile(r"[.!?][\"'\u201d\u2019)\]]*\s*$")
+
+
+def artefact_features(text: str) -> dict[str, float]:
+    """Surface artefacts of one text, nothing about its words or style.
+
+    Final character (class) and final punctuation, whether it ends like a finished sentence
+    (a text cut at a token limit does not), typography (straight and curly quotes, dashes,
+    ellipses, emphasis markers, non-ASCII characters), whitespace (newlines, doubled or
+    edge spaces) and length (log characters and words).
+    """
+    n = max(1, len(text))
+    stripped = text.strip()
+    last = stripped[-1:] or " "
+    first = stripped[:1] or " "
+    per100 = 100.0 / n
+    return {
+        "ends_letter": float(last.isalnum()),
+        "ends_period": float(last == "."),
+        "ends_exclaim": float(last == "!"),
+        "ends_question": float(last == "?"),
+        "ends_quote": float(last in "\"'" + _CURLY),
+        "ends_other": float(not last.isalnum() and last not in ".!?\"'" + _CURLY),
+        "ends_sentence": float(bool(_TERMINAL.search(text))),
+        "starts_lower": float(first.islower()),
+        "starts_quote": float(first in "\"'" + _CURLY),
+        "straight_quotes": text.count('"') * per100,
+        "straight_apostrophes": text.count("'") * per100,
+        "curly_quotes": sum(text.count(c) for c in _CURLY) * per100,
+        "em_dashes": text.count("\u2014") * per100,
+        "double_hyphens": text.count("--") * per100,
+        "ellipses": (text.count("...") + text.count("\u2026")) * per100,
+        "emphasis_marks": (text.count("*") + text.count("_")) * per100,
+        "non_ascii": sum(ord(c) > 127 for c in text) * per100,
+        "newlines": text.count("\n") * per100,
+        "double_spaces": text.count("  ") * per100,
+        "edge_spaces": float(text != text.strip()),
+        "log_chars": math.log1p(len(text)),
+        "log_words": math.log1p(len(text.split())),
+    }
+
+
+@dataclass
+class ArtefactJudge(PairwiseJudge):
+    """How far surface artefacts alone tell the real text from the negative: a shortcut detector.
+
+    A pairwise logistic regression without intercept on the difference of
+    :func:`artefact_features` (so swapping A and B flips the verdict), fitted on pairs with
+    known labels, typically the train split (:meth:`fit`), then scored like any judge. On
+    data without shortcuts it stays near 50%; well above that, the negatives give
+    themselves away by typography, truncation or length, and a trained judge may learn that
+    instead of the person.
+    """
+
+    l2: float = 1.0
+    steps: int = 300
+    name: str = "artefact"
+    _weights: dict[str, float] = field(default_factory=dict, init=False, repr=False)
+    _scale: dict[str, float] = field(default_factory=dict, init=False, repr=False)
+    _n_fit: int = field(default=0, init=False, repr=False)
+
+    def identity(self) -> dict[str, Any]:
+        top = sorted(self._weights.items(), key=lambda kv: -abs(kv[1]))[:5]
+        return {"name": self.name, "model": "pairwise logistic regression on surface artefacts",
+                "fitted_on_pairs": self._n_fit, "top_weights": {k: round(v, 3) for k, v in top}}
+
+    def fit(self, records: Sequence[PairRecord]) -> "ArtefactJudge":
+        """Fit on labelled pairs (both orders, so the model has no position bias)."""
+        import numpy as np  # deferred: only this judge needs it
+
+        if not records:
+            raise ValueError("the artefact judge needs labelled pairs to fit on (e.g. the train split)")
+        names = list(artefact_features("x"))
+        rows = []
+        for r in records:
+            fc, fr = artefact_features(r.chosen), artefact_features(r.rejected)
+            rows.append([fc[k] - fr[k] for k in names])
+        x = np.asarray(rows, dtype=np.float64)
+        scale = x.std(axis=0)
+        scale[scale == 0] = 1.0
+        x = np.concatenate([x / scale, -x / scale])          # real at A, then real at B
+        y = np.concatenate([np.ones(len(rows)), np.zeros(len(rows))])
+        w = np.zeros(x.shape[1])
+        lr = 0.5
+        for _ in range(self.steps):
+            p = 0.5 * (1.0 + np.tanh(0.5 * (x @ w)))  # the logistic function, without overflow
+            grad = x.T @ (p - y) / len(y) + self.l2 * w / len(y)
+            w -= lr * grad
+        self._weights = dict(zip(names, w.tolist()))
+        self._scale = dict(zip(names, scale.tolist()))
+        self._n_fit = len(records)
+        return self
+
+    def logit(self, a: str, b: str) -> float:
+        """Log-odds that ``a`` (rather than ``b``) is the real text."""
+        if not self._weights:
+            raise RuntimeError("ArtefactJudge.fit() must run before judging")
+        fa, fb = artefact_features(a), artefact_features(b)
+        return sum(w * (fa[k] - fb[k]) / self._scale[k] for k, w in self._weights.items())
+
+    def score(self, record: PairRecord, position: str) -> Outcome:
+        a, b = arrange(record.chosen, record.rejected, position)
+        z = self.logit(a, b)
+        return z / 2, -z / 2
+
+
+def shortcut_report(rows: Sequence[dict[str, Any]], *, fit_split: str = "train") -> dict[str, Any]:
+    """Shortcut baselines for a synth run's pairs: artefact and stylometry accuracy by split and type.
+
+    The artefact judge is fitted on ``fit_split`` and scored on every other split (one order
+    per pair, real text at A: the judge is antisymmetric, so the order does not matter).
+    Returns ``{"fit_split", "fitted_on", split: {type: {"n", "artefact", "stylometry"}}}``;
+    accuracies in [0, 1], ties counting one half.
+    """
+    from ..pairs import PairRecord as _Record
+
+    records = [_Record.from_json(r) if isinstance(r, dict) else r for r in rows]
+    train = [r for r in records if r.extra.get("split") == fit_split]
+    out: dict[str, Any] = {"fit_split": fit_split, "fitted_on": len(train)}
+    if not train:
+        out["note"] = f"no {fit_split} pairs: the artefact judge could not be fitted"
+        return out
+    artefact = ArtefactJudge().fit(train)
+    stylometry = StylometryJudge()
+    by_split: dict[str, dict[str, list[PairRecord]]] = {}
+    for r in records:
+        split = str(r.extra.get("split"))
+        if split != fit_split:
+            by_split.setdefault(split, {}).setdefault(r.negative_type, []).append(r)
+    for split, types in sorted(by_split.items()):
+        stylometry.prepare([r for rs in types.values() for r in rs])
+        table: dict[str, Any] = {}
+        for ntype, rs in sorted(types.items()):
+            acc = {}
+            for label, judge in (("artefact", artefact), ("stylometry", stylometry)):
+                won = 0.0
+                for r in rs:
+                    a, b = judge.score(r, "A")
+                    won += 1.0 if a > b else 0.5 if a == b else 0.0
+                acc[label] = round(won / len(rs), 4)
+            table[ntype] = {"n": len(rs), **acc}
+        out[split] = table
+    return out
+
+
+# --------------------------------------------------------------------------- likelihood judges
+
+@dataclass
+class LikelihoodJudge(PairwiseJudge):
+    """What a language model already knows, read from its likelihoods; nothing is generated.
+
+    ``mode="gain"`` (judge ``likelihood``): each candidate is scored by how much the exemplars
+    raise its mean token log-probability,
+    ``mean log p(c | exemplars, prompt) - mean log p(c | prompt)``; the text the person's own
+    writing makes more predictable wins. ``mode="fluency"`` (judge ``fluency``): plain mean
+    log-probability given the prompt alone, no exemplars: a type that fluency separates tests
+    language quality, not the person. Both are position-free (each candidate is scored on its
+    own), so their position consistency is 100% by construction.
+    """
+
+    model_path: str = ""
+    mode: str = "gain"
+    batch_size: int = 8
+    max_context_tokens: int = 768
+    name: str = "likelihood"
+    _scores: dict[tuple[str, str], float] = field(default_factory=dict, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("gain", "fluency"):
+            raise ValueError(f"mode must be 'gain' or 'fluency', got {self.mode!r}")
+        if self.mode == "fluency" and self.name == "likelihood":
+            self.name = "fluency"
+
+    def identity(self) -> dict[str, Any]:
+        rule = ("mean log p(candidate | exemplars, prompt) - mean log p(candidate | prompt)" if self.mode == "gain"
+                else "mean log p(candidate | prompt), no exemplars")
+        return {"name": self.name, "model": self.model_path, "rule": rule}
+
+    @staticmethod
+    def contexts(record: PairRecord) -> tuple[str, str]:
+        """``(with exemplars, without)``: the texts each candidate is scored after."""
+        plain = record.prompt.strip() + "\n\n"
+        return "\n\n".join(e.strip() for e in record.exemplars) + "\n\n" + plain, plain
+
+    def prepare(self, records: Sequence[PairRecord]) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(self.model_path)
+        model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=torch.float32).eval()
+        jobs: list[tuple[tuple[str, str], str, list[int], list[int]]] = []
+        seen: set[tuple[str, str]] = set()
+        for r in records:
+            with_ex, plain = self.contexts(r)
+            for which, text in (("chosen", r.chosen), ("rejected", r.rejected)):
+                if (r.id, which) in seen:
+                    continue
+                seen.add((r.id, which))
+                cand = tok(" " + text.strip(), add_special_tokens=False)["input_ids"]
+                for cond, ctx in (("with", with_ex), ("without", plain)):
+                    if cond == "with" and self.mode == "fluency":
+                        continue
+                    ids = tok(ctx, add_special_tokens=False)["input_ids"][-self.max_context_tokens:]
+                    jobs.append(((r.id, which), cond, ids, cand))
+        means: dict[tuple[tuple[str, str], str], float] = {}
+        jobs.sort(key=lambda j: len(j[2]) + len(j[3]))
+        pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+        with torch.no_grad():
+            for start in range(0, len(jobs), self.batch_size):
+                batch = jobs[start:start + self.batch_size]
+                width = max(len(c) + len(x) for _, _, c, x in batch)
+                ids = torch.full((len(batch), width), pad, dtype=torch.long)
+                mask = torch.zeros((len(batch), width), dtype=torch.long)
+                for i, (_, _, ctx, cand) in enumerate(batch):
+                    seq = ctx + cand
+                    ids[i, :len(seq)] = torch.tensor(seq)
+                    mask[i, :len(seq)] = 1
+                logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), dim=-1)
+                for i, (key, cond, ctx, cand) in enumerate(batch):
+                    n0 = len(ctx)
+                    steps = logp[i, n0 - 1:n0 - 1 + len(cand)]
+                    token_lp = steps.gather(1, torch.tensor(cand).unsqueeze(1)).squeeze(1)
+                    means[(key, cond)] = float(token_lp.mean())
+        for key in seen:
+            plain = means[(key, "without")]
+            self._scores[key] = plain if self.mode == "fluency" else means[(key, "with")] - plain
+
+    def score(self, record: PairRecord, position: str) -> Outcome:
+        real, fake = self._scores[(record.id, "chosen")], self._scores[(record.id, "rejected")]
+        return (real, fake) if position == "A" else (fake, real)
+
+
 # --------------------------------------------------------------------------- model judge
 
 class TextBackend(Protocol):
@@ -320,5 +555,5 @@ class ModelJudge:
 
 
 BASELINES: dict[str, type[PairwiseJudge]] = {
-    "random": RandomJudge, "length": LengthJudge, "stylometry": StylometryJudge,
+    "random": RandomJudge, "length": LengthJudge, "stylometry": StylometryJudge, "artefact": ArtefactJudge,
 }

@@ -146,3 +146,49 @@ def compare(metrics_paths: Sequence[str], out_png: str, out_md: str, *,
         fh.write(md)
     plot_by_type(runs, out_png)
     return md
+
+
+def plot_curve(points: Sequence[dict[str, Any]], out_png: str, *, split: str = "validation") -> str:
+    """Learning curve: accuracy (95% CI) and position consistency against training steps, SFT then GRPO.
+
+    ``points``: ``{"stage": "sft"|"grpo", "step": int (-1: the final model), "accuracy", "ci95",
+    "consistency"}`` in training order; GRPO steps are drawn after the last SFT step.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.4, 3.8), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    sft_end = max([p["step"] for p in points if p["stage"] == "sft"] + [0])
+    xs, labels = [], []
+    for p in points:
+        step = p["step"] if p["step"] >= 0 else (sft_end if p["stage"] == "sft" else None)
+        if p["stage"] == "grpo":
+            grpo_steps = [q["step"] for q in points if q["stage"] == "grpo" and q["step"] >= 0]
+            step = sft_end + (p["step"] if p["step"] >= 0 else max(grpo_steps + [0]) + 1)
+        xs.append(step)
+        labels.append(f"{p['stage']} {p['step'] if p['step'] >= 0 else 'final'}")
+    acc = [p["accuracy"] for p in points]
+    lo = [max(0.0, p["accuracy"] - (p.get("ci95") or [p["accuracy"]] * 2)[0]) for p in points]
+    hi = [max(0.0, (p.get("ci95") or [p["accuracy"]] * 2)[1] - p["accuracy"]) for p in points]
+    ax.errorbar(xs, acc, yerr=[lo, hi], marker="o", capsize=3, label="pairwise accuracy (95% CI)")
+    cons = [(x, p["consistency"]["rate"] if isinstance(p.get("consistency"), dict) else p.get("consistency"))
+            for x, p in zip(xs, points)]
+    cons = [(x, c) for x, c in cons if isinstance(c, (int, float))]
+    if cons:
+        ax.plot([x for x, _ in cons], [c for _, c in cons], marker="s", linestyle=":", label="position consistency")
+    ax.axhline(0.5, color="#888888", linestyle="--", linewidth=1, label="chance")
+    if any(p["stage"] == "grpo" for p in points):
+        ax.axvline(sft_end + 0.5, color="#bbbbbb", linewidth=1)
+        ax.annotate("GRPO", (sft_end + 0.8, 0.03), fontsize=8, color="#666666")
+    ax.set_ylim(0, 1.05)
+    ax.set_xlabel("optimiser steps (SFT, then GRPO)")
+    ax.set_ylabel(f"on {split} pairs, both orders")
+    ax.set_title("Learning curve", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right", frameon=False)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(out_png)), exist_ok=True)
+    fig.savefig(out_png)
+    return out_png

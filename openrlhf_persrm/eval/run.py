@@ -19,7 +19,8 @@ from typing import Any, Sequence
 from ..judge_format import assign_positions, chat_token_counter
 from ..pairs import PairRecord, load_pairs, write_jsonl
 from .config import EvalConfig
-from .judges import BASELINES, ChunkedProgress, Judge, JudgeFailure, ModelJudge, Outcome, StylometryJudge
+from .judges import (BASELINES, ArtefactJudge, ChunkedProgress, Judge, JudgeFailure, LikelihoodJudge, ModelJudge,
+                     Outcome, StylometryJudge)
 from .metrics import Judged, compute_metrics
 from .report import markdown_table, plot_by_type
 
@@ -78,6 +79,18 @@ def make_judge(cfg: EvalConfig) -> Judge:
     """The judge ``cfg`` names; model judges load their backend here (deferred imports)."""
     if cfg.judge == "stylometry":
         return StylometryJudge(ngram=cfg.ngram, weighting=cfg.weighting)
+    if cfg.judge == "artefact":
+        records, _ = load_pairs(cfg.pairs, skip_invalid=cfg.skip_invalid)
+        fit = [r for r in records if r.extra.get("split") == cfg.fit_split]
+        if not fit:
+            raise ValueError(f"--judge artefact: no rows of {cfg.pairs} have split {cfg.fit_split!r} to fit on; "
+                             "set --fit_split to a labelled split of the file (e.g. train)")
+        return ArtefactJudge().fit(fit)
+    if cfg.judge in ("likelihood", "fluency"):
+        from ..models import resolve_model
+
+        return LikelihoodJudge(model_path=resolve_model(cfg.model), mode="gain" if cfg.judge == "likelihood"
+                               else "fluency", batch_size=cfg.batch_size)
     if cfg.judge in BASELINES:
         cls = BASELINES[cfg.judge]
         return cls(seed=cfg.seed) if cfg.judge == "random" else cls()
@@ -126,7 +139,7 @@ def run_eval(cfg: EvalConfig, *, judge: Judge | None = None, echo: bool = True) 
     shown, positions = plan_positions(records, both_orders=cfg.both_orders, seed=cfg.seed)
     t0 = time.perf_counter()
     with tqdm(total=len(shown), desc=f"judging ({judge.name})", unit="judgment",
-              disable=cfg.judge != "model") as bar:
+              disable=cfg.judge not in ("model", "likelihood", "fluency")) as bar:
         try:
             outcomes = judge.judge(shown, positions, progress=bar)
         finally:

@@ -48,6 +48,18 @@ def v1_base_url(url: str) -> str:
     return url if parts.path not in ("", "/") else url + "/v1"
 
 
+class ChatText(str):
+    """A reply's text (a plain ``str`` to every caller) that also carries the server's ``finish_reason``
+    ("stop", or "length" when the reply was cut at ``max_tokens``)."""
+
+    finish_reason: str | None
+
+    def __new__(cls, text: str, finish_reason: str | None = None) -> "ChatText":
+        obj = super().__new__(cls, text)
+        obj.finish_reason = finish_reason
+        return obj
+
+
 class AsyncChatClient:
     """Chat completions over HTTP with bounded concurrency, timeouts and retries.
 
@@ -121,9 +133,11 @@ class AsyncChatClient:
             if status != 200:
                 raise EndpointFatal(f"{self.url} answered HTTP {status}: {response.text[:200]}", status)
             try:
-                text = response.json()["choices"][0]["message"]["content"]
+                choice = response.json()["choices"][0]
+                text = choice["message"]["content"]
                 if not isinstance(text, str):
                     raise TypeError("content is not a string")
+                text = ChatText(text, choice.get("finish_reason"))
             except (ValueError, KeyError, IndexError, TypeError) as exc:
                 self.stats["malformed_bodies"] += 1
                 last_error = f"malformed body ({exc.__class__.__name__})"
