@@ -340,12 +340,7 @@ def _synth_defaults(out_dir, *extra):
     return out_dir / "sft.jsonl"
 
 
-@pytest.mark.parametrize("style", [
-    pytest.param("default", marks=pytest.mark.xfail(
-        strict=True, reason="synth's default traces.style is 'full' (~400 SmolLM2 tokens a trace, over "
-                            "persrm demo's max_new_tokens 256): the CPU quickstart keeps 3 of 147 SFT rows; the lead "
-                            "is asked to make 'brief' the default (then remove this mark)")),
-    "brief"])
+@pytest.mark.parametrize("style", ["default"])
 def test_quickstart_scaled_to_cpu_trains_on_its_data(tmp_path, style):
     """SmolLM2, offline synth on the demo corpus with synth's defaults, `--data.max_len 768`: the SFT plugin keeps
     most rows, and every default judge budget (reward, serve, eval, demo) has room for a whole trace."""
