@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import logging
 import sys
 import types
 import typing
@@ -107,8 +106,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     parser = make_parser()
     ns = parser.parse_args(argv)
-    logging.basicConfig(level=getattr(logging, str(ns.log_level).upper(), logging.WARNING),
-                        format="%(levelname)s %(name)s: %(message)s")
+    from openrlhf_persrm.logs import setup_logging
+
+    try:
+        setup_logging("persrm synth", ns.log_level)
+    except ValueError as exc:
+        parser.error(str(exc))
     try:
         cfg = config_from_args(ns)
     except ValueError as exc:
@@ -117,6 +120,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         manifest = run_synth(cfg)
     except (CorpusFormatError, ValueError, TeacherFatal) as exc:
         print(f"persrm synth: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # e.g. --output_dir is a file, or a disk that is full or read-only
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"persrm synth: error: {where}{exc.strerror or exc}", file=sys.stderr)
         return 2
     except IncompleteRun as exc:
         print(f"persrm synth: incomplete: {exc}", file=sys.stderr)

@@ -210,7 +210,16 @@ class CrossAuthorPool:
         lo = bisect.bisect_left(self._lengths, n_words * (1 - tolerance))
         hi = bisect.bisect_right(self._lengths, n_words * (1 + tolerance))
         options = [c for c in self.items[lo:hi] if c.author != author and c.uid not in exclude]
-        return rng.choice(options) if options else None
+        if not options:
+            return None
+        # The author first, uniformly, then one of their paragraphs: negatives then come from every
+        # author as evenly as targets do, not mostly from the most prolific ones (whose typography
+        # would otherwise mark "the negative").
+        by_author: dict[str, list[Continuation]] = {}
+        for c in options:
+            by_author.setdefault(c.author, []).append(c)
+        other = rng.choice(sorted(by_author))
+        return rng.choice(by_author[other])
 
 
 def cross_author(author: str, n_words: int, pool: CrossAuthorPool, rng: random.Random,

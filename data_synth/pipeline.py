@@ -7,9 +7,11 @@
 2. **Generate**: each task makes its negative (checked, retried, or rejected) and, for the
    trace splits, its teacher reasoning traces (rejection sampling). Every finished task is
    appended as one JSON line to ``<output_dir>/.work/results.jsonl``; a rerun of the same
-   command skips finished tasks, and a torn last line (the process was killed while
-   writing it) is discarded. Teacher replies are cached by request, and every random choice
-   is seeded by the task id, so results do not depend on timing, order or interruptions.
+   command skips finished tasks; a torn last line (the process was killed while writing
+   it) or a corrupt line anywhere is reported and dropped, and only its task is recomputed
+   (:class:`WorkLog`); temporary files of a write killed midway are removed. Teacher
+   replies are cached by request, and every random choice is seeded by the task id, so
+   results do not depend on timing, order or interruptions.
 3. **Assemble** (pure): results in plan order, duplicates removed, A/B positions balanced,
    files written atomically, ``manifest.json`` last.
 """
@@ -30,7 +32,7 @@ from typing import Any, Sequence
 
 from openrlhf_persrm.judge_format import Judgment, assign_positions, arrange, build_messages, parse_judgment
 from openrlhf_persrm.eval.judges import shortcut_report
-from openrlhf_persrm.pairs import PairRecord, Trace, write_pairs
+from openrlhf_persrm.pairs import PairRecord, Trace, remove_stale_tmp, write_pairs
 
 from .config import SPLITS, SynthConfig
 from .corpus import Corpus, Paragraph, load_corpus
@@ -47,6 +49,7 @@ FORMAT = "persrm-synth/1"
 WORK_DIR = ".work"
 OUTPUT_FILES = ("pairs.jsonl", "sft.jsonl", "sft_validation.jsonl", "rl.jsonl", "rl_validation.jsonl",
                 "manifest.json")
+WORK_FILES = ("signature.json", "results.jsonl")  # the files in .work/ written through a temp file
 # Flags that change how fast a run goes, never what it writes: a resume may change them.
 _TRANSPORT_FIELDS = {"teacher": ("base_url", "api_key_env", "concurrency", "timeout", "retries", "backoff",
                                  "cache", "threads")}
@@ -352,8 +355,28 @@ async def process_task(task: PairTask, ctx: Context) -> dict[str, Any]:
     return record
 
 
+def _result_problem(obj: Any) -> tuple[str | None, str] | None:
+    """``(field, what is wrong)`` for a work-log record that assembly cannot use, else None."""
+    if not isinstance(obj, dict):
+        return None, f"expected a JSON object, got {'null' if obj is None else type(obj).__name__}"
+    if not isinstance(obj.get("id"), str) or not obj["id"]:
+        return "id", "field 'id' is missing" if "id" not in obj else "field 'id': expected a non-empty string"
+    if "rejected" not in obj or not (obj["rejected"] is None or isinstance(obj["rejected"], str)):
+        return "rejected", "field 'rejected': expected a string or null"
+    for name, required in (("negative", True), ("failed_tries", True), ("traces", False), ("trace_outcomes", False)):
+        if (required or name in obj) and not isinstance(obj.get(name), dict):
+            return name, f"field {name!r}: expected an object" + ("" if name in obj else ", missing")
+    return None
+
+
 class WorkLog:
-    """Append-only JSONL of finished tasks; tolerant of a torn last line."""
+    """Append-only JSONL of finished tasks, one line per task, resumable after any kill.
+
+    Reading keeps every valid line. A torn last line (the run was killed while writing it)
+    and any corrupt line elsewhere (bad JSON, a record without the fields assembly needs) are
+    reported with their line number and field, and dropped, so that only their tasks are
+    recomputed; the file is then rewritten atomically without them.
+    """
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
@@ -363,21 +386,37 @@ class WorkLog:
         done: dict[str, dict[str, Any]] = {}
         if not self.path.exists():
             return done
-        data = self.path.read_bytes()
-        good = 0
-        for line in data.splitlines(keepends=True):
-            if not line.endswith(b"\n"):
-                break  # killed mid-write: this line is incomplete
+        chunks = self.path.read_bytes().split(b"\n")
+        torn = chunks.pop()  # b"" when the file ends with a newline, as every complete write does
+        kept: list[bytes] = []
+        dropped = 0
+        for lineno, line in enumerate(chunks, start=1):
+            if not line.strip():
+                dropped += 1
+                continue
             try:
                 obj = json.loads(line)
-            except json.JSONDecodeError:
-                break
-            done.setdefault(obj["id"], obj)
-            good += len(line)
-        if good != len(data):
-            with open(self.path, "r+b") as fh:
-                fh.truncate(good)
-            logger.info("work log %s: dropped a torn last line (%d bytes)", self.path, len(data) - good)
+            except (ValueError, RecursionError) as exc:  # JSONDecodeError, bad UTF-8, absurd nesting
+                obj, problem = None, (None, f"invalid JSON ({getattr(exc, 'msg', None) or type(exc).__name__})")
+            else:
+                problem = _result_problem(obj)
+            if problem is not None:
+                field, what = problem
+                logger.warning("work log %s:%d: corrupt line of %d (%s%s): dropped, only its task will be "
+                               "recomputed; the other lines are kept", self.path, lineno, len(chunks), what,
+                               f"; field {field!r}" if field and field not in what else "")
+                dropped += 1
+                continue
+            if obj["id"] in done:  # cannot happen with one writer; keep the first, as assembly would
+                dropped += 1
+                continue
+            done[obj["id"]] = obj
+            kept.append(line + b"\n")
+        if torn:
+            logger.warning("work log %s:%d: dropped a torn last line (%d bytes; the run was killed while "
+                           "writing it); its task will be recomputed", self.path, len(chunks) + 1, len(torn))
+        if torn or dropped:
+            write_bytes_atomic(self.path, b"".join(kept))
         return done
 
     def open(self):
@@ -607,6 +646,8 @@ def run_synth(cfg: SynthConfig, *, teacher: Any = None) -> dict[str, Any]:
     out_dir = Path(cfg.output_dir)
     work_dir = out_dir / WORK_DIR
     work_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_tmp(out_dir, OUTPUT_FILES)
+    remove_stale_tmp(work_dir, WORK_FILES)
 
     corpus = load_input(cfg)
     paragraphs = select_paragraphs(corpus.paragraphs, cfg)
@@ -620,7 +661,12 @@ def run_synth(cfg: SynthConfig, *, teacher: Any = None) -> dict[str, Any]:
     signature = json.loads(json.dumps(signature))  # compare as stored: tuples become lists
     sig_path = work_dir / "signature.json"
     if sig_path.exists():
-        previous = json.loads(sig_path.read_text(encoding="utf-8"))
+        try:
+            previous = json.loads(sig_path.read_text(encoding="utf-8"))
+        except (ValueError, RecursionError) as exc:  # bad JSON or bad UTF-8: not a file this code wrote
+            raise ValueError(f"{sig_path}: unreadable ({exc}); it records the settings of the run in "
+                             f"--output_dir={cfg.output_dir!r}: choose a new --output_dir, or delete "
+                             f"{work_dir} to start this one over") from None
         if previous != signature:
             changed = sorted(k for k in signature if previous.get(k) != signature[k])
             raise ValueError(f"--output_dir={cfg.output_dir!r} holds a run with different {', '.join(changed)}; "
@@ -710,8 +756,17 @@ def _split_summary(plan: Plan) -> dict[str, Any]:
     return out
 
 
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Write a file atomically (temp file + rename); a kill leaves the old file or the new one, and at
+    worst a ``.NAME.tmp`` that :func:`~openrlhf_persrm.pairs.remove_stale_tmp` deletes on the next run."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
 def write_jsonl_text(path: Path, text: str) -> None:
     """Write a small text file atomically (temp file + rename)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_bytes_atomic(path, (text + "\n").encode("utf-8"))

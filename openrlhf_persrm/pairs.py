@@ -196,6 +196,21 @@ class ReadReport:
         return f"{self.path}: read {self.read} pairs, skipped {self.skipped} invalid ({why})"
 
 
+def _parse_line(raw: bytes) -> Any:
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise PairFormatError(f"not UTF-8 text (byte {raw[exc.start]:#04x} at byte {exc.start + 1} of the line); "
+                              "save the file as UTF-8", field="encoding") from None
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise PairFormatError(f"invalid JSON ({exc.msg} at column {exc.colno})") from None
+    except RecursionError:
+        raise PairFormatError("JSON nested too deeply to read (a pair is a flat object of strings and a list "
+                              "of strings)") from None
+
+
 def read_pairs(path: str | os.PathLike, *, skip_invalid: bool = False,
                report: ReadReport | None = None) -> Iterator[PairRecord]:
     """Yield the pair records of a JSONL file, validating each line.
@@ -213,15 +228,14 @@ def read_pairs(path: str | os.PathLike, *, skip_invalid: bool = False,
     path = str(path)
     if report is None:
         report = ReadReport(path)
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
+    if os.path.isdir(path):
+        raise PairFormatError("is a directory, not a pair file (.jsonl)", path=path)
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            if not raw.strip():
                 continue
             try:
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise PairFormatError(f"invalid JSON ({exc.msg} at column {exc.colno})") from None
+                obj = _parse_line(raw)
                 record = PairRecord.from_json(obj)
             except PairFormatError as exc:
                 located = PairFormatError(str(exc), path=path, line=lineno, field=exc.field)
@@ -259,6 +273,40 @@ def write_jsonl(path: str | os.PathLike, rows: Iterable[dict[str, Any]]) -> int:
             pass
         raise
     return count
+
+
+def stale_tmp_files(folder: str | os.PathLike, names: Iterable[str]) -> list[Path]:
+    """Temporary files that a write of one of ``names`` killed midway left in ``folder``:
+    ``.NAME.XXXX.tmp`` (:func:`write_jsonl`), ``.NAME.tmp`` and ``NAME.tmp`` (small JSON writers)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    wanted = set(names)
+    found = []
+    for path in folder.iterdir():
+        n = path.name
+        if not n.endswith(".tmp") or not path.is_file():
+            continue
+        stem = n[:-len(".tmp")]
+        if stem in wanted or (stem.startswith(".") and (stem[1:] in wanted or stem[1:].rsplit(".", 1)[0] in wanted)):
+            found.append(path)
+    return sorted(found)
+
+
+def remove_stale_tmp(folder: str | os.PathLike, names: Iterable[str]) -> int:
+    """Delete what :func:`stale_tmp_files` finds; call it at the start of a run that owns ``folder``
+    (one writer per folder). Returns how many files were removed."""
+    import logging
+
+    removed = 0
+    for path in stale_tmp_files(folder, names):
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            continue
+        removed += 1
+        logging.getLogger(__name__).info("removed %s, left by a run killed while writing it", path)
+    return removed
 
 
 def write_pairs(path: str | os.PathLike, records: Iterable[PairRecord | dict[str, Any]]) -> int:

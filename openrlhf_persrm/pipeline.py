@@ -43,7 +43,7 @@ from . import __version__
 
 STAGES = ("synth", "sft", "grpo", "policy", "eval")
 MODEL_JUDGES = ("base", "sft", "grpo")
-BASELINE_JUDGES = ("random", "length", "stylometry", "artefact")
+BASELINE_JUDGES = ("random", "length", "stylometry", "artefact", "evidence")
 #: Judges that read the untrained base model's likelihoods (no generation).
 LIKELIHOOD_JUDGES = ("fluency", "likelihood")
 
@@ -381,13 +381,11 @@ class Pipeline:
         from .eval.cli import make_parser
 
         problems = []
-        models = {"base": self.model_id(), "sft": str(self.work / "sft"), "grpo": str(self.work / "grpo")}
         for judge in self.r.eval.judges:  # type: ignore[union-attr]
             err = io.StringIO()
-            model = models.get(judge, self.model_id())
             try:
                 with contextlib.redirect_stderr(err):
-                    make_parser().parse_args(self.eval_argv(judge, model))
+                    make_parser().parse_args(self.eval_argv(judge, self.model_id()))
             except SystemExit:
                 lines = err.getvalue().strip().splitlines()
                 problems.append(f"eval ({judge}): persrm eval's parser refused the flags: "
@@ -410,10 +408,8 @@ class Pipeline:
             if argv:
                 print("   " + shlex.join(argv), file=out)
             elif stage.name == "eval":
-                models = {"base": self.model_id(), "sft": str(self.work / "sft"), "grpo": str(self.work / "grpo")}
                 for judge in self.r.eval.judges:  # type: ignore[union-attr]
-                    print("   persrm eval " + shlex.join(self.eval_argv(judge, models.get(judge, self.model_id()))),
-                          file=out)
+                    print("   persrm eval " + shlex.join(self.eval_argv(judge, self.model_id())), file=out)
             for note in notes:
                 print(f"   reads  {note}", file=out)
             for path in stage.outputs:
@@ -544,14 +540,14 @@ class Pipeline:
             tail = log_path.read_text(encoding="utf-8", errors="replace")[-3000:]
             raise RuntimeError(f"stage {name} failed (exit {rc}); last lines of {log_path}:\n{tail}")
 
-    def eval_argv(self, judge: str, model: str | None) -> list[str]:
-        """``persrm eval`` flags for one judge of the eval stage."""
+    def eval_argv(self, judge: str, base: str | None) -> list[str]:
+        """The ``persrm eval`` command line of one of the recipe's judges."""
         spec = self.r.eval
         assert spec is not None
+        models = {"base": base, "sft": str(self.work / "sft"), "grpo": str(self.work / "grpo")}
         argv = ["--pairs", str(self.data / "pairs.jsonl"), "--out", str(self.work / "eval" / judge),
-                "--seed", str(self.r.seed),
-                "--label", {"base": f"untrained ({self.r.model})", "sft": "PersRM SFT",
-                            "grpo": "PersRM SFT+GRPO"}.get(judge, judge)]
+                "--seed", str(self.r.seed), "--label", {"base": f"untrained ({self.r.model})", "sft": "PersRM SFT",
+                                                        "grpo": "PersRM SFT+GRPO"}.get(judge, judge)]
         if spec.split:
             argv += ["--split", spec.split]
         limit = spec.judge_limits.get(judge, spec.limit)
@@ -560,9 +556,9 @@ class Pipeline:
         if spec.both_orders:
             argv += ["--both_orders"]
         if judge in MODEL_JUDGES:
-            argv += ["--judge", "model", "--model", str(model)] + _flags(spec.flags)
-        elif judge in LIKELIHOOD_JUDGES:  # scored by the base model's likelihoods
-            argv += ["--judge", judge, "--model", str(model)]
+            argv += ["--judge", "model", "--model", str(models[judge])] + _flags(spec.flags)
+        elif judge in LIKELIHOOD_JUDGES:
+            argv += ["--judge", judge, "--model", str(base)]
         else:
             argv += ["--judge", judge]
         return argv
@@ -574,7 +570,6 @@ class Pipeline:
         spec = self.r.eval
         assert spec is not None
         out = self.work / "eval"
-        models = {"base": base, "sft": str(self.work / "sft"), "grpo": str(self.work / "grpo")}
         metrics = []
         selected = self.judges if self.judges is not None else spec.judges + ["curve"]
         for judge in spec.judges:
@@ -583,7 +578,7 @@ class Pipeline:
                 if (run_dir / "metrics.json").exists():
                     metrics.append(str(run_dir / "metrics.json"))
                 continue
-            argv = self.eval_argv(judge, models[judge] if judge in MODEL_JUDGES else base)
+            argv = self.eval_argv(judge, base)
             metrics.append(str(run_dir / "metrics.json"))
             # A judge already evaluated with the same command is not judged again (resume after a crash;
             # `persrm eval` writes metrics.json last, atomically).

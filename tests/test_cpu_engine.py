@@ -178,6 +178,15 @@ def test_seeded_sampling_is_reproducible_and_independent_of_batching(engine, pro
     assert [o.token_ids for o in engine.generate([prompts[0]], other_seed)[0]] != [o.token_ids for o in alone]
 
 
+def test_engine_does_not_import_the_standin():
+    """The engine needs only the plain vLLM types; the stand-in imports the engine, not back."""
+    import subprocess
+
+    code = "import sys, openrlhf_persrm.cpu.engine; print('openrlhf_persrm.cpu.vllm_standin' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
 def test_bad_sampling_params_are_refused():
     with pytest.raises(ValueError, match="repetition_penalty"):
         SamplingParams(repetition_penalty=1.2)
@@ -336,3 +345,120 @@ def test_gpu_only_options_are_refused(openrlhf_vllm_engine, model_path, monkeypa
             actor.llm.shutdown()
 
     asyncio.run(misuse())
+
+
+# ------------------------------------------------------------------ the preallocated KV cache
+
+
+def _hf_greedy(model, prompt: list[int], max_new_tokens: int, eos_ids) -> list[int]:
+    """transformers' own greedy ``generate`` for one unpadded prompt, cut after the first EOS."""
+    with torch.no_grad():
+        out = model.generate(
+            torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0,
+        )
+    ids = out[0, len(prompt) :].tolist()
+    stop = next((i for i, t in enumerate(ids) if t in eos_ids), None)
+    return ids if stop is None else ids[: stop + 1]
+
+
+@pytest.mark.parametrize("share_prefix", [0, 2])
+def test_greedy_equals_transformers_generate_with_staggered_joins(model_path, share_prefix):
+    """Requests of different prompt lengths join the running batch at different steps (only 3
+    decode together, each finishing at its own length frees a slot for the next), the cache
+    grows several times (3-column chunks), and the shared-prefix prefill is taken when on:
+    every sequence still equals transformers' ``generate`` token for token."""
+    eng = BatchedEngine.from_pretrained(
+        model_path, max_num_seqs=3, kv_chunk_tokens=3, share_prefix_min_tokens=share_prefix
+    )
+    try:
+        tails = [" likes hiking", " prefers short answers.", " A", " follows the persona? Answer with A or B.",
+                 " reads science fiction on rainy weekends", " likes cooking, reading"]
+        prompts = [eng.tokenizer("The user" + t, add_special_tokens=False)["input_ids"] for t in tails]
+        assert len({len(p) for p in prompts}) == len(prompts)
+        lengths = [5, 23, 9, 40, 3, 14]
+        params = [SamplingParams(temperature=0.0, max_tokens=n) for n in lengths]
+        got = [out.token_ids for (out,) in eng.generate(prompts, params)]
+        expected = [_hf_greedy(eng.model, p, n, eng.eos_token_ids) for p, n in zip(prompts, lengths)]
+        assert got == expected
+        assert eng._batch.rows == [] and eng._batch.cache is None  # everything freed when idle
+    finally:
+        eng.shutdown()
+
+
+def test_decoding_writes_in_place_and_frees_finished_rows(model_path, monkeypatch):
+    """The cache is copied once per chunk, not once per token; a finished row's slot is freed at
+    once, and the free room never exceeds what the remaining rows can still use."""
+    from openrlhf_persrm.cpu import engine as engine_module
+
+    copies = []
+    relayout = engine_module._relayout
+    monkeypatch.setattr(engine_module, "_relayout", lambda *a: (copies.append(a[3]), relayout(*a)))
+    eng = BatchedEngine.from_pretrained(model_path, kv_chunk_tokens=16)
+    try:
+        prompt = eng.tokenizer("The user prefers short answers.", add_special_tokens=False)["input_ids"]
+        long, short = (SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in (120, 4))
+        eng.pause()
+        futures = [eng.submit(prompt, long), eng.submit(prompt[:3], short)]
+        eng.resume()
+        futures[1].result()
+        eng.pause()  # returns between steps
+        batch = eng._batch
+        (row,) = batch.rows  # the short request's row is gone ...
+        layer = batch.cache.layers[0]
+        assert layer.slab_keys.shape[0] == 1 and batch.mask.shape[0] == 1  # ... and so is its slot
+        assert layer.keys.shape[2] == batch.length <= batch.capacity
+        assert batch.capacity - batch.length <= row.max_tokens - len(row.token_ids)
+        eng.resume()
+        (out,) = futures[0].result()
+        assert out.token_ids == _greedy_reference(eng.model, prompt, 120)
+    finally:
+        eng.shutdown()
+    # 119 decoding steps, 7 copies: the short row leaving, then growth by 16 columns or a quarter
+    # of the length, never past the longest row's need (prompt + 119 fed tokens).
+    assert len(copies) <= 8, copies
+    assert copies == sorted(copies) and copies[-1] == len(prompt) + 120 - 1, copies
+
+
+def test_load_weights_changes_what_the_engine_generates(model_path, other_model_path, prompts):
+    from transformers import AutoModelForCausalLM
+
+    other = AutoModelForCausalLM.from_pretrained(other_model_path, dtype=torch.float32)
+    eng = BatchedEngine.from_pretrained(model_path)
+    try:
+        before = eng.generate(prompts, GREEDY)
+        eng.load_weights(other.named_parameters())
+        after = eng.generate(prompts, GREEDY)
+    finally:
+        eng.shutdown()
+    assert _tokens(after) != _tokens(before)
+    assert _tokens(after) == [[_greedy_reference(other, p, 12)] for p in prompts]
+
+
+def test_grouped_query_attention_without_repeating_kv_heads_is_bit_identical(model_path):
+    """The engine's SDPA path hands grouped KV heads to torch as they are (no per-step copy of
+    the cache per query head); logits over a left-padded prefill and cached decoding steps equal
+    transformers' own SDPA path exactly."""
+    from openrlhf_persrm.cpu.engine import GQA_SDPA
+    from transformers import AutoModelForCausalLM, DynamicCache
+
+    eng = BatchedEngine.from_pretrained(model_path)
+    eng.shutdown()
+    reference = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32, attn_implementation="sdpa")
+    config = eng.model.config
+    assert config.num_key_value_heads < config.num_attention_heads  # the tiny model groups its heads
+    assert config._attn_implementation == GQA_SDPA and reference.config._attn_implementation == "sdpa"
+    input_ids = torch.tensor([[0, 0, 0, 5, 9, 14, 7], [3, 8, 2, 11, 6, 4, 10]])
+    mask = (torch.arange(7) >= torch.tensor([[3], [0]])).long()
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    results = []
+    for model in (eng.model, reference):
+        cache, ids, m, pos, logits = DynamicCache(config=model.config), input_ids, mask, positions, []
+        with torch.no_grad():
+            for _ in range(4):
+                out = model(input_ids=ids, attention_mask=m, position_ids=pos, past_key_values=cache, use_cache=True)
+                logits.append(out.logits[:, -1])
+                ids, pos = out.logits[:, -1].argmax(-1, keepdim=True), pos[:, -1:] + 1
+                m = torch.cat([m, torch.ones(2, 1, dtype=m.dtype)], dim=1)
+        results.append(torch.stack(logits))
+    assert torch.equal(results[0], results[1])

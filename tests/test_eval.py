@@ -313,3 +313,74 @@ def test_limit_spreads_over_authors():
     picked = spread_over_authors(recs, 4, seed=0)
     assert sorted(r.author for r in picked) == ["first", "first", "second", "second"]
     assert [r.id for r in picked] == [r.id for r in spread_over_authors(recs, 4, seed=0)]  # deterministic
+
+
+# --------------------------------------------------------------------------- rough edges (issue 12)
+
+@pytest.mark.parametrize("second, words", [
+    (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+    (json.dumps({**make_pair(1), "author": "Ren\u00e9"}, ensure_ascii=False).encode("latin-1"),
+     "not UTF-8 text (byte 0xe9"),
+])
+def test_nested_or_non_utf8_row_names_file_and_line(tmp_path, capsys, second, words):
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(json.dumps(make_pair(0)).encode() + b"\n" + second + b"\n" + json.dumps(make_pair(2)).encode())
+    assert main(["--pairs", str(path), "--judge", "length", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {path}:2: ") and words in err and "Traceback" not in err
+    m = run_eval(cfg_for(path, tmp_path / "o", skip_invalid=True), echo=False)
+    assert m["data"]["rows_skipped"] == 1 and m["overall"]["n"] == 2
+
+
+def test_pairs_directory_is_a_clear_error(tmp_path, capsys):
+    assert main(["--pairs", str(tmp_path), "--judge", "length", "--out", str(tmp_path / "o")]) == 2
+    assert "is a directory" in capsys.readouterr().err
+
+
+def test_help_prints_a_single_percent_sign(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert "95%" in out and "%%" not in out
+
+
+class TieJudge(PairwiseJudge):
+    name = "tie"
+
+    def score(self, record, position):
+        return (5, 5)
+
+
+def test_compare_shows_ties(mixed_file, tmp_path):
+    paths = []
+    for name, judge in (("oracle", OracleJudge()), ("tie", TieJudge())):
+        run_eval(cfg_for(mixed_file, tmp_path / name, label=name), judge=judge, echo=False)
+        paths.append(str(tmp_path / name / "metrics.json"))
+    md = compare(paths, str(tmp_path / "c" / "compare.png"), str(tmp_path / "c" / "compare.md"))
+    head, _, *rows = md.splitlines()
+    cols = [c.strip() for c in head.strip("|").split("|")]
+    ties = cols.index("ties %")
+    by_label = {r.strip("|").split("|")[0].strip(): [c.strip() for c in r.strip("|").split("|")]
+                for r in rows if r.startswith("| ")}
+    assert by_label["oracle"][ties] == "0.0" and by_label["tie"][ties] == "100.0"
+    assert by_label["tie"][1].startswith("0.0")  # accuracy 0: the ties column says why
+
+
+def test_rerun_removes_temp_files_of_a_killed_write(mixed_file, tmp_path):
+    out = tmp_path / "o"
+    out.mkdir()
+    stale = [out / "metrics.json.tmp", out / ".judgments.jsonl.x1y2z3.tmp"]
+    keep = out / "notes.tmp"
+    for p in [*stale, keep]:
+        p.write_text("partial")
+    run_eval(cfg_for(mixed_file, out), echo=False)
+    assert not any(p.exists() for p in stale) and keep.exists()
+    assert json.loads((out / "metrics.json").read_text())["overall"]["n"] == 8
+
+
+@pytest.mark.parametrize("content", [b"{not json", b"[1, 2]", b"\xff\xfe"])
+def test_compare_names_a_file_that_is_not_metrics(tmp_path, capsys, content):
+    bad = tmp_path / "metrics.json"
+    bad.write_bytes(content)
+    assert main(["compare", str(bad), "--out", str(tmp_path / "c")]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {bad}: not a persrm eval metrics.json")

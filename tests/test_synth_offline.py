@@ -1,4 +1,5 @@
-"""An offline-only run over a small subset of the shared author corpus, and the split-leakage test."""
+"""An offline-only run over the shipped demo corpus (and a subset of the shared author corpus where present),
+and the split-leakage test."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from hypothesis import strategies as st
 from data_synth.cli import main
 from data_synth.config import SplitConfig
 from data_synth.corpus import Paragraph, load_corpus
+from data_synth.pipeline import demo_corpus_path
 from data_synth.splits import exemplar_candidates, is_neighbour, split_corpus
 from openrlhf_persrm.pairs import load_pairs
 
@@ -27,12 +29,14 @@ def shared_corpus() -> str | None:
     return None
 
 
-@pytest.fixture(scope="module")
-def offline_run(tmp_path_factory):
-    src = shared_corpus()
+# "demo" is shipped in the package, so these tests run on a fresh clone; "shared" adds the large
+# author corpus where it is present.
+@pytest.fixture(scope="module", params=["demo", "shared"])
+def offline_run(request, tmp_path_factory):
+    src = demo_corpus_path() if request.param == "demo" else shared_corpus()
     if src is None:
         pytest.skip("shared/data/authors/paragraphs.jsonl.gz not found (set PERSRM_SHARED)")
-    out = tmp_path_factory.mktemp("offline")
+    out = tmp_path_factory.mktemp(f"offline-{request.param}")
     rc = main(["--input", src, "--output_dir", str(out), "--corpus.max_authors", "8",
                "--corpus.max_paragraphs_per_author", "32", "--split.unseen_authors", "2", "--progress", "false",
                # 32 paragraphs per author are mostly one work: allow same-work exemplars for this smoke run
@@ -76,6 +80,24 @@ def test_no_split_leakage_in_outputs(offline_run):
     src, out = offline_run
     pairs, _ = load_pairs(out / "pairs.jsonl")
     manifest = json.loads((out / "manifest.json").read_text())
+    # Every split has pairs, so each check below has something to check.
+    assert {p.extra["split"] for p in pairs} == {"train", "validation", "test_unseen_authors", "test_unseen_works"}
+    assert_no_split_leakage(pairs, manifest)
+
+
+def test_leakage_check_catches_a_leak(offline_run):
+    """The check above can fail: a test pair that shows a train paragraph as an exemplar is caught."""
+    _, out = offline_run
+    pairs, _ = load_pairs(out / "pairs.jsonl")
+    manifest = json.loads((out / "manifest.json").read_text())
+    train = next(p for p in pairs if p.extra["split"] == "train")
+    test = next(p for p in pairs if p.extra["split"] == "test_unseen_works")
+    test.exemplars[0] = train.chosen
+    with pytest.raises(AssertionError):
+        assert_no_split_leakage(pairs, manifest)
+
+
+def assert_no_split_leakage(pairs, manifest) -> None:
     split_of_uid: dict[str, str] = {}
     for p in pairs:
         split = p.extra["split"]

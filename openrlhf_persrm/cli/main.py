@@ -7,7 +7,6 @@ dataclass and calls the library function.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from dataclasses import fields
 from typing import Sequence
@@ -59,7 +58,9 @@ def make_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.INFO, format="[persrm] %(message)s")
+    from ..logs import setup_logging
+
+    setup_logging("persrm")  # other libraries' warnings print under their own names, not "[persrm]"
     if argv and argv[0] == "synth":
         from data_synth.cli import main as synth_main
 

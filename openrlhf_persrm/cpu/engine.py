@@ -3,12 +3,16 @@
 One background thread owns the model. Each step it admits waiting requests (prefilled
 together as one left-padded batch, identical prompts prefilled once), decodes one token for
 every running sequence in a single forward pass over a shared KV cache, samples, and retires
-sequences that finished; the caches of newcomers and of running sequences are left-padded to a
-common length and concatenated. Positions are passed explicitly and padding is masked, so a
+sequences that finished. The running batch's KV cache is preallocated (:class:`_SlabLayer`):
+a decoding step writes one column in place instead of copying the whole cache, as
+transformers' ``DynamicCache`` does. The cache is copied only when its shape changes: when
+newcomers join (caches left-padded to a common length), when sequences finish (their rows
+freed), and when it runs out of room (it grows in chunks, never past what the longest
+running sequence can still need). Positions are passed explicitly and padding is masked, so a
 sequence's tokens do not depend on what it was batched with (up to float rounding; the model
 runs in float32).
 
-Sampling follows vLLM (see :class:`~openrlhf_persrm.cpu.vllm_standin.SamplingParams`).
+Sampling follows vLLM (see :class:`~openrlhf_persrm.cpu.vllm_types.SamplingParams`).
 Returned logprobs follow vLLM's ``logprobs_mode``: ``raw_logprobs`` (vLLM's default) is the
 log-softmax of the model's logits before temperature, top-k/top-p and ``min_tokens`` masking;
 ``processed_logprobs`` (what OpenRLHF 0.11.2 asks for whenever it uses rollout logprobs, i.e.
@@ -23,6 +27,7 @@ attention in every layer, e.g. Llama, Qwen2/3 without sliding windows); text onl
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import logging
 import random
 import threading
@@ -34,7 +39,7 @@ from typing import Any, Iterable, Sequence
 import torch
 import torch.nn.functional as F
 
-from openrlhf_persrm.cpu.vllm_standin import (
+from openrlhf_persrm.cpu.vllm_types import (
     LOGPROBS_MODES,
     CompletionOutput,
     Logprob,
@@ -79,17 +84,28 @@ class _Row:
 
 @dataclass
 class _Batch:
-    """The running sequences and their shared, left-padded KV cache.
+    """The running sequences and their shared, left-padded, preallocated KV cache.
 
-    ``attention_mask`` covers the cached positions; ``next_tokens`` / ``next_positions`` are the
-    last sampled token of each row and its position, fed at the next decoding step.
+    ``cache`` holds :class:`_SlabLayer` layers whose first ``length`` columns are in use;
+    ``mask`` is the attention mask over all ``capacity`` columns (0 = padding or not yet
+    written). ``next_tokens`` / ``next_positions`` are the last sampled token of each row and
+    its position, fed at the next decoding step.
     """
 
     rows: list[_Row] = field(default_factory=list)
     cache: Any = None
-    attention_mask: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+    length: int = 0
     next_tokens: torch.Tensor | None = None
     next_positions: torch.Tensor | None = None
+
+    @property
+    def capacity(self) -> int:
+        return 0 if self.mask is None else self.mask.shape[1]
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        return self.mask[:, : self.length]
 
 
 class BatchedEngine:
@@ -108,6 +124,10 @@ class BatchedEngine:
             this long, it is computed once and its KV cache reused by every row (what vLLM's prefix
             caching saves within a batch). 0 (the default) turns this off. Useful for judges, whose
             prompts all start with one system prompt and one person's exemplars.
+        kv_chunk_tokens: the preallocated KV cache grows by this many columns at a time (or by a
+            quarter of its length, if more), and never beyond what the running sequences can
+            still use: memory stays bounded by the requests in flight, and a copy of the cache
+            happens once per chunk instead of once per token.
     """
 
     def __init__(
@@ -121,11 +141,14 @@ class BatchedEngine:
         logprobs_mode: str = "raw_logprobs",
         admission_window_s: float = 0.005,
         share_prefix_min_tokens: int = 0,
+        kv_chunk_tokens: int = 128,
     ) -> None:
         if logprobs_mode not in LOGPROBS_MODES:
             raise ValueError(f"logprobs_mode={logprobs_mode!r}; use one of {LOGPROBS_MODES}")
         if max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
+        if kv_chunk_tokens < 1:
+            raise ValueError(f"kv_chunk_tokens must be >= 1, got {kv_chunk_tokens}")
         self.model = model.eval().requires_grad_(False)
         self.tokenizer = tokenizer
         self.max_num_seqs = max_num_seqs
@@ -133,10 +156,12 @@ class BatchedEngine:
         self.logprobs_mode = logprobs_mode
         self.admission_window_s = admission_window_s
         self.share_prefix_min_tokens = share_prefix_min_tokens
+        self.kv_chunk_tokens = kv_chunk_tokens
         self.eos_token_ids = _eos_token_ids(model, tokenizer)
         # remove_duplicate=False: a tied lm_head stays addressable under both names.
         self._params = dict(model.named_parameters(remove_duplicate=False))
         self._check_cache_layout()
+        _use_gqa_sdpa(self.model)
 
         self._seed_rng = random.Random(seed)
         self._cond = threading.Condition()
@@ -336,13 +361,21 @@ class BatchedEngine:
         return out.logits[:, -1].float()
 
     def _decode(self, batch: _Batch) -> torch.Tensor:
-        ones = torch.ones(len(batch.rows), 1, dtype=batch.attention_mask.dtype)
-        batch.attention_mask = torch.cat([batch.attention_mask, ones], dim=1)
+        if batch.length == batch.capacity:
+            # Out of room: one copy into a bigger slab (the rows all still need a column now).
+            need = _columns_needed(batch.rows)
+            _relayout(batch, None, 0, batch.length + self._headroom(batch.length, need))
+        batch.mask[:, batch.length] = 1
         logits = self._forward(
-            batch.next_tokens[:, None], batch.attention_mask, batch.next_positions[:, None], batch.cache
+            batch.next_tokens[:, None], batch.mask[:, : batch.length + 1], batch.next_positions[:, None], batch.cache
         )
+        batch.length += 1
         batch.next_positions = batch.next_positions + 1
         return logits
+
+    def _headroom(self, length: int, need: int) -> int:
+        """Free columns to allocate past ``length``: a chunk, at most what the rows can still use."""
+        return max(0, min(need, max(self.kv_chunk_tokens, length // 4)))
 
     def _prefill(self, rows: list[_Row]) -> dict[str, Any]:
         """Prefill the distinct prompts of ``rows`` once, then expand to one cache row per row."""
@@ -389,21 +422,36 @@ class BatchedEngine:
         return n if n >= self.share_prefix_min_tokens else 0
 
     def _merge(self, batch: _Batch, rows: list[_Row], cache: Any, attention_mask, next_positions) -> None:
-        """Append prefilled ``rows`` to the running batch (left-padding the shorter cache)."""
-        if not batch.rows:
-            batch.rows, batch.cache, batch.attention_mask, batch.next_positions = (
-                list(rows), cache, attention_mask, next_positions
-            )
-            return
-        width = max(batch.attention_mask.shape[1], attention_mask.shape[1])
-        for old, new in zip(batch.cache.layers, cache.layers, strict=True):
-            old.keys = torch.cat([_left_pad(old.keys, width), _left_pad(new.keys, width)])
-            old.values = torch.cat([_left_pad(old.values, width), _left_pad(new.values, width)])
-        batch.attention_mask = torch.cat(
-            [_left_pad(batch.attention_mask, width, dim=1), _left_pad(attention_mask, width, dim=1)]
-        )
-        batch.next_positions = torch.cat([batch.next_positions, next_positions])
-        batch.rows.extend(rows)
+        """Append prefilled ``rows`` to the running batch: one new slab, both caches right-aligned
+        (left-padded) to a common length, with room for the next chunk of decoding steps."""
+        from transformers import DynamicCache
+
+        old_rows, new_rows = len(batch.rows), len(rows)
+        width = max(batch.length, attention_mask.shape[1])
+        all_rows = batch.rows + list(rows)
+        capacity = width + self._headroom(width, _columns_needed(all_rows) - 1)
+        mask = attention_mask.new_zeros(old_rows + new_rows, capacity)
+        if old_rows:
+            mask[:old_rows, width - batch.length : width] = batch.attention_mask
+        mask[old_rows:, width - attention_mask.shape[1] : width] = attention_mask
+        layers = []
+        old_layers = batch.cache.layers if old_rows else [None] * len(cache.layers)
+        for old, new in zip(old_layers, cache.layers, strict=True):
+            slabs = []
+            for name in ("keys", "values"):
+                fresh = getattr(new, name)
+                b, h, n, d = fresh.shape
+                slab = fresh.new_zeros(old_rows + new_rows, h, capacity, d)
+                if old_rows:
+                    slab[:old_rows, :, width - batch.length : width] = getattr(old, name)
+                slab[old_rows:, :, width - n : width] = fresh
+                slabs.append(slab)
+            layers.append(_slab_layer_class()(*slabs, width))
+        batch.cache = DynamicCache(config=self.model.config)
+        batch.cache.layers = layers
+        batch.mask, batch.length = mask, width
+        batch.next_positions = next_positions if not old_rows else torch.cat([batch.next_positions, next_positions])
+        batch.rows = all_rows
 
     # ------------------------------------------------------------------ sampling
 
@@ -461,18 +509,15 @@ class BatchedEngine:
             self._batch = _Batch()
             return
         index = torch.tensor(keep)
-        _select_cache_rows(batch.cache, index)
         batch.rows = [batch.rows[i] for i in keep]
-        batch.attention_mask = batch.attention_mask[index]
         batch.next_tokens = batch.next_tokens[index]
         batch.next_positions = batch.next_positions[index]
-        # Columns that are padding in every remaining row are dead weight: trim them.
-        first_live = int(batch.attention_mask.any(dim=0).int().argmax())
-        if first_live:
-            batch.attention_mask = batch.attention_mask[:, first_live:]
-            for layer in batch.cache.layers:
-                layer.keys = layer.keys[..., first_live:, :]
-                layer.values = layer.values[..., first_live:, :]
+        # Free the finished rows; columns that are padding in every remaining row are dead weight
+        # (trimmed), and so is room past what the remaining rows can still use.
+        first_live = int(batch.attention_mask[index].any(dim=0).int().argmax())
+        length = batch.length - first_live
+        room = min(batch.capacity - batch.length, _columns_needed(batch.rows))
+        _relayout(batch, index, first_live, length + room)
 
     def _record_logprobs(self, row: _Row, token: int, logprobs: torch.Tensor) -> None:
         value = float(logprobs[token])
@@ -557,6 +602,55 @@ class BatchedEngine:
             )
 
 
+#: The attention implementation the engine gives SDPA models with grouped-query attention.
+GQA_SDPA = "persrm_cpu_sdpa_gqa"
+
+
+def _use_gqa_sdpa(model: Any) -> None:
+    """Switch an SDPA model with grouped-query attention to :data:`GQA_SDPA`.
+
+    With a padding mask (the engine always has one) transformers' SDPA path repeats every KV
+    head for each query head it serves (``repeat_kv``), copying the whole cache in every layer
+    at every step; torch's CPU kernel takes the grouped heads as they are (``enable_gqa``),
+    with the same result bit for bit. Other models, and other implementations, are left alone.
+    """
+    config = model.config
+    heads, kv_heads = getattr(config, "num_attention_heads", 0), getattr(config, "num_key_value_heads", None)
+    if getattr(config, "_attn_implementation", None) != "sdpa" or not kv_heads or heads == kv_heads:
+        return
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    AttentionInterface.register(GQA_SDPA, _sdpa_gqa_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(GQA_SDPA, sdpa_mask)
+    model.set_attn_implementation(GQA_SDPA)
+
+
+def _sdpa_gqa_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
+    """transformers' ``sdpa_attention_forward``, except that a masked grouped-query call on CPU
+    passes ``enable_gqa=True`` instead of repeating the KV heads (where the mask is None,
+    transformers already does that; anything unusual goes to transformers unchanged)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    groups = getattr(module, "num_key_value_groups", 1)
+    if (
+        attention_mask is None
+        or groups <= 1
+        or query.device.type != "cpu"
+        or kwargs.get("position_bias") is not None
+        or kwargs.get("output_attentions", False)
+        or key.shape[-1] != value.shape[-1]
+    ):
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
+        )
+    # With a mask, transformers passes is_causal=False too: the mask carries causality.
+    out = F.scaled_dot_product_attention(
+        query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling, is_causal=False, enable_gqa=True
+    )
+    return out.transpose(1, 2).contiguous(), None
+
+
 def _eos_token_ids(model: Any, tokenizer: Any) -> frozenset[int]:
     """EOS ids from the tokenizer and the generation config (vLLM stops on both)."""
     ids: set[int] = set()
@@ -567,14 +661,63 @@ def _eos_token_ids(model: Any, tokenizer: Any) -> frozenset[int]:
     return frozenset(ids)
 
 
-def _left_pad(x: torch.Tensor, width: int, dim: int = -2) -> torch.Tensor:
-    """Zero-pad ``x`` on the left of ``dim`` up to ``width`` (KV: dim -2; masks: dim 1)."""
-    missing = width - x.shape[dim]
-    if missing == 0:
-        return x
-    shape = list(x.shape)
-    shape[dim] = missing
-    return torch.cat([x.new_zeros(shape), x], dim=dim)
+def _columns_needed(rows: Sequence[_Row]) -> int:
+    """KV columns the longest of ``rows`` may still write, counted from before its next decoding
+    step: a row with ``t`` tokens decodes (writing one column each time) until it has
+    ``max_tokens``. Stop tokens and strings may end it sooner; this is the bound."""
+    return max(row.max_tokens - len(row.token_ids) for row in rows) if rows else 0
+
+
+def _relayout(batch: _Batch, index: torch.Tensor | None, start: int, capacity: int) -> None:
+    """Copy rows ``index`` (all if None) of the batch's cache and mask, columns ``start`` to
+    ``length``, into new slabs of ``capacity`` columns (the only place the cache is copied
+    besides :meth:`BatchedEngine._merge`)."""
+    length = batch.length - start
+    assert capacity >= length, (capacity, length)
+    rows = slice(None) if index is None else index
+    mask = batch.mask.new_zeros(len(batch.rows), capacity)
+    mask[:, :length] = batch.mask[rows, start : batch.length]
+    for layer in batch.cache.layers:
+        slabs = []
+        for used in (layer.keys, layer.values):
+            b, h, n, d = used.shape
+            slab = used.new_empty(len(batch.rows), h, capacity, d)
+            slab[:, :, :length] = used[rows, :, start:]
+            slabs.append(slab)
+        layer.reset_slabs(*slabs, length)
+    batch.mask, batch.length = mask, length
+
+
+@functools.cache
+def _slab_layer_class() -> type:
+    """:class:`_SlabLayer`, built on first use so that importing this module stays cheap."""
+    from transformers.cache_utils import DynamicLayer
+
+    class _SlabLayer(DynamicLayer):
+        """A full-attention cache layer over preallocated ``[batch, kv_heads, capacity, head_dim]``
+        tensors: ``update`` writes the new columns in place and returns views of the used ones
+        (``DynamicLayer`` concatenates, copying the whole cache at every step)."""
+
+        def __init__(self, keys: torch.Tensor, values: torch.Tensor, length: int) -> None:
+            super().__init__()
+            self.dtype, self.device = keys.dtype, keys.device
+            self.is_initialized = True
+            self.reset_slabs(keys, values, length)
+
+        def reset_slabs(self, keys: torch.Tensor, values: torch.Tensor, length: int) -> None:
+            self.slab_keys, self.slab_values, self.length = keys, values, length
+            self.keys, self.values = keys[:, :, :length], values[:, :, :length]
+
+        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
+            end = self.length + key_states.shape[-2]
+            if end > self.slab_keys.shape[-2]:
+                raise RuntimeError(f"KV slab overflow: {end} columns > capacity {self.slab_keys.shape[-2]}")
+            self.slab_keys[:, :, self.length : end] = key_states
+            self.slab_values[:, :, self.length : end] = value_states
+            self.reset_slabs(self.slab_keys, self.slab_values, end)
+            return self.keys, self.values
+
+    return _SlabLayer
 
 
 def _select_cache_rows(cache: Any, index: torch.Tensor) -> None:

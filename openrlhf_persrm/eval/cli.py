@@ -11,7 +11,6 @@ Flags are the fields of :class:`~.config.EvalConfig`; multi-word flags take ``_`
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 from dataclasses import MISSING, fields
@@ -23,8 +22,9 @@ from .config import JUDGES, EvalConfig
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="persrm eval",
+        # argparse %-formats argument help, never the description: a literal "%" here.
         description="Pairwise accuracy of a judge on PersRM pairs: overall, by negative type and by author, "
-                    "with bootstrap 95%% intervals, format failures and (with --both_orders) position "
+                    "with bootstrap 95% intervals, format failures and (with --both_orders) position "
                     "consistency. `persrm eval compare METRICS.json ... --out DIR` puts runs side by side.")
     for f in fields(EvalConfig):
         names = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
@@ -51,7 +51,9 @@ def make_compare_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.INFO, format="[persrm eval] %(message)s")
+    from ..logs import setup_logging
+
+    setup_logging("persrm eval")
     if argv and argv[0] == "compare":
         from .report import compare
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-JUDGES = ("random", "length", "stylometry", "artefact", "fluency", "likelihood", "model")
+JUDGES = ("random", "length", "stylometry", "artefact", "evidence", "fluency", "likelihood", "model")
 #: Judges that read a language model's likelihoods (they need --model, never --endpoint).
 LIKELIHOOD_JUDGES = ("fluency", "likelihood")
 
@@ -19,7 +19,7 @@ class EvalConfig:
     """What to evaluate, with which judge, and where the results go."""
 
     pairs: str = _f("", "pair JSONL to evaluate (the PersRM pair format)")
-    judge: str = _f("", "random | length | stylometry | artefact | fluency | likelihood | model")
+    judge: str = _f("", "random | length | stylometry | artefact | evidence | fluency | likelihood | model")
     out: str = _f("", "folder for metrics.json, metrics.md, judgments.jsonl and accuracy_by_type.png")
     model: str = _f("", "--judge model: a checkpoint folder or smollm2-135m-instruct; with --endpoint, "
                         "the served model name (default: the first the endpoint lists)")

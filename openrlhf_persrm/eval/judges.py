@@ -202,6 +202,24 @@ class StylometryJudge(PairwiseJudge):
         return self.similarity(record.exemplars, a), self.similarity(record.exemplars, b)
 
 
+@dataclass
+class EvidenceJudge(PairwiseJudge):
+    """The procedure the bootstrap (evidence) traces teach, applied exactly: content words shared with
+    the exemplars plus the person's visible habits shown, minus habits they do not show
+    (``data_synth.stylometry.evidence``). A trained judge that reads its own trace can at best match it."""
+
+    name: str = "evidence"
+
+    def identity(self) -> dict[str, Any]:
+        return {"name": self.name, "rule": "shared content words + shared habits - foreign habits (evidence traces)"}
+
+    def score(self, record: PairRecord, position: str) -> Outcome:
+        from data_synth.stylometry import evidence  # deferred: data_synth is only needed by this judge
+
+        a, b = arrange(record.chosen, record.rejected, position)
+        return float(evidence(record.exemplars, a).score), float(evidence(record.exemplars, b).score)
+
+
 # --------------------------------------------------------------------------- artefact judge
 
 _CURLY = "\u201c\u201d\u2018\u2019\u201e\u00ab\u00bb"
@@ -556,4 +574,5 @@ class ModelJudge:
 
 BASELINES: dict[str, type[PairwiseJudge]] = {
     "random": RandomJudge, "length": LengthJudge, "stylometry": StylometryJudge, "artefact": ArtefactJudge,
+    "evidence": EvidenceJudge,
 }

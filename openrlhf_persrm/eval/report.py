@@ -51,15 +51,19 @@ def markdown_table(metrics: dict[str, Any]) -> str:
 
 
 def compare_table(runs: Sequence[dict[str, Any]]) -> str:
-    """Several judges side by side: accuracy % [95% CI] overall and per negative type."""
+    """Several judges side by side: accuracy % [95% CI] overall and per negative type, then the share of
+    judgments that were ties and format failures."""
     types = sorted({t for m in runs for t in m["by_type"]})
     has_cons = any(m.get("consistency") is not None for m in runs)
-    head = ["judge", "overall"] + types + ["format failures %"] + (["consistency %"] if has_cons else [])
+    # Ties beside accuracy: a tie counts as wrong, so a low accuracy may be a judge that cannot separate
+    # the two texts (ties) rather than one that prefers the negative.
+    head = ["judge", "overall"] + types + ["ties %", "format failures %"] + (["consistency %"] if has_cons else [])
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for m in runs:
         def cell(s: dict[str, Any] | None) -> str:
             return "-" if s is None else f"{_pct(s['accuracy'])} {_ci(s['ci95'])}"
         cells = [m.get("label", "?"), cell(m["overall"])] + [cell(m["by_type"].get(t)) for t in types]
+        cells.append(_pct(m["overall"].get("tie_rate")))
         cells.append(_pct(m["format_failure_rate"]))
         if has_cons:
             cons = m.get("consistency")
@@ -132,9 +136,12 @@ def compare(metrics_paths: Sequence[str], out_png: str, out_md: str, *,
         raise ValueError(f"{len(labels)} labels for {len(metrics_paths)} metrics files")
     runs = []
     for i, path in enumerate(metrics_paths):
-        with open(path, encoding="utf-8") as fh:
-            m = json.load(fh)
-        if not {"overall", "by_type"} <= m.keys():
+        try:
+            with open(path, encoding="utf-8") as fh:
+                m = json.load(fh)
+        except (ValueError, RecursionError) as exc:  # bad JSON or not UTF-8
+            raise ValueError(f"{path}: not a persrm eval metrics.json ({exc})") from None
+        if not isinstance(m, dict) or not {"overall", "by_type"} <= m.keys():
             raise ValueError(f"{path}: not a persrm eval metrics.json (no 'overall'/'by_type')")
         if labels is not None:
             m["label"] = labels[i]

@@ -17,7 +17,7 @@ from dataclasses import asdict
 from typing import Any, Sequence
 
 from ..judge_format import assign_positions, chat_token_counter
-from ..pairs import PairRecord, load_pairs, write_jsonl
+from ..pairs import PairRecord, load_pairs, remove_stale_tmp, write_jsonl
 from .config import EvalConfig
 from .judges import (BASELINES, ArtefactJudge, ChunkedProgress, Judge, JudgeFailure, LikelihoodJudge, ModelJudge,
                      Outcome, StylometryJudge)
@@ -168,6 +168,7 @@ def run_eval(cfg: EvalConfig, *, judge: Judge | None = None, echo: bool = True) 
         "version": __version__,
     }
     os.makedirs(cfg.out, exist_ok=True)
+    remove_stale_tmp(cfg.out, ("metrics.json", "judgments.jsonl"))  # left by a run killed while writing
     _write_json(os.path.join(cfg.out, "metrics.json"), metrics)
     outputs = getattr(judge, "outputs", None)
     write_jsonl(os.path.join(cfg.out, "judgments.jsonl"), (
