@@ -30,7 +30,7 @@ import runpy
 import sys
 import types
 from importlib.metadata import PackageNotFoundError, version
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from . import OPENRLHF_VERSION
 
@@ -682,3 +682,28 @@ def save_best_sft(trainer, args, global_step: int, key: str, value: float) -> No
         with open(os.path.join(args.ckpt.path, "best_checkpoint.json"), "w", encoding="utf-8") as fh:
             json.dump({"global_step": global_step, "metric": key, "value": value, "path": path}, fh)
         trainer.strategy.print(f"[persrm] New best checkpoint: {key}={value:.4f} at step {global_step}: {path}")
+# --------------------------------------------------------------------------- prompt budgets
+
+def prompt_token_counter(tokenizer) -> Callable[[list[dict[str, str]]], int]:
+    """Tokens of a chat prompt exactly as OpenRLHF 0.11.2's rollouts count them.
+
+    ``datasets/prompts_dataset.py: preprocess_data`` renders the messages with the chat template
+    (``add_generation_prompt=True``); ``utils/agent.py: SingleTurnAgentExecutor.execute``
+    tokenizes that text with ``add_special_tokens=False`` and keeps only the last
+    :func:`max_prompt_tokens` tokens.
+    """
+    install_flash_attn_stub()
+    from openrlhf.datasets.prompts_dataset import preprocess_data
+
+    def count(messages: list[dict[str, str]]) -> int:
+        text, _ = preprocess_data({"prompt": messages}, None, "prompt", None, tokenizer.apply_chat_template)
+        return len(tokenizer(text=text, add_special_tokens=False)["input_ids"])
+
+    return count
+
+
+def max_prompt_tokens(max_len: int, max_new_tokens: int | None) -> int:
+    """The longest prompt OpenRLHF 0.11.2 leaves uncut (``utils/agent.py``: ``max_prompt_length =
+    max_len - max_tokens``, where ``max_tokens`` is ``--rollout.max_new_tokens`` or, unset,
+    ``max(1, max_len - prompt_len)``)."""
+    return max_len - max_new_tokens if max_new_tokens else max_len - 1

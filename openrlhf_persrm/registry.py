@@ -87,6 +87,13 @@ class Registry(Generic[T]):
         self._load_entry_points()
         return sorted(self._items)
 
+    def available(self) -> list[str]:
+        """Registered and installed names, without importing any plugin (for help texts)."""
+        with self._lock:
+            names = set(self._items)
+        names.update(ep.name for ep in entry_points(group=self.group))
+        return sorted(names)
+
     def get(self, name: str) -> Any:
         self._load_entry_points()
         obj = self._items.get(name)
@@ -169,6 +176,18 @@ def _load_from_file(path: str, attr: str | None, kind: str) -> Any:
         raise PluginError(f"{kind} plugin file {path!r}: name the plugin as {path}:ClassName "
                           f"(found {len(local)} candidate classes) or define PLUGIN")
     return local[0]
+
+
+def portable_spec(spec: Any) -> Any:
+    """``spec`` with a plugin file's path made absolute, so it names the same file in a process
+    started elsewhere (a Ray worker's working directory is not the driver's). Names, dotted
+    paths and non-strings are returned unchanged."""
+    if not isinstance(spec, str) or not spec:
+        return spec
+    path, sep, attr = spec.partition(":") if spec.count(":") == 1 and not os.path.exists(spec) else (spec, "", "")
+    if path.endswith(".py") or os.path.isfile(path):
+        return os.path.abspath(path) + sep + attr
+    return spec
 
 
 reward_plugins: Registry = Registry("reward", "openrlhf_persrm.rewards", check_reward_plugin)

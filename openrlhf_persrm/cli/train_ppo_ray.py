@@ -51,10 +51,9 @@ def prepare(argv: Sequence[str]) -> Prepared:
     from .. import compat
 
     ours, rest = plugin_parser(LAUNCHER, reward=True).parse_known_args(list(argv))
-    cpu = ours.cpu
-    if not cpu and not compat.has_cuda():
-        logger.info("no GPU visible: running train_ppo_ray in CPU mode")
-        cpu = True
+    from ..cpu.mode import choose_cpu
+
+    cpu = choose_cpu(LAUNCHER, cpu=ours.cpu, gpu=ours.gpu, uses_ray=True)
     parser = compat.launcher_parser(LAUNCHER)
     ns = namespace_dict(parser, rest)
     out = Argv(list(rest))
@@ -75,7 +74,12 @@ def prepare(argv: Sequence[str]) -> Prepared:
             raise WrapperError("--reward_plugin does not combine with --train.agent_func_path "
                                "(OpenRLHF then ignores --reward.remote_url)")
         config = load_json_config(ours.reward_plugin_config, "--reward_plugin_config")
-        from ..registry import instantiate, reward_plugins
+        from ..registry import instantiate, portable_spec, reward_plugins
+
+        # Plugin files travel to Ray workers, whose working directory is not ours: absolute paths.
+        spec = portable_spec(ours.reward_plugin)
+        if "backend" in config:
+            config["backend"] = portable_spec(config["backend"])
 
         instantiate(reward_plugins, ours.reward_plugin, config)  # fail here, not inside a Ray actor
         remote = getattr(reward_plugins.resolve(ours.reward_plugin), "remote_reward_urls", None)
@@ -85,7 +89,7 @@ def prepare(argv: Sequence[str]) -> Prepared:
             logger.info("reward plugin %s is served at %s", ours.reward_plugin, ", ".join(urls))
         else:
             out.set("--reward.remote_url", reward_entry_file())
-            env["PERSRM_REWARD_PLUGIN"] = ours.reward_plugin
+            env["PERSRM_REWARD_PLUGIN"] = spec
             env["PERSRM_REWARD_CONFIG"] = json.dumps(config)
             # A judge's API key is never put in Ray's runtime_env (the dashboard shows it): workers of a
             # Ray started here inherit it from this process; on a `ray start` cluster use the reward's

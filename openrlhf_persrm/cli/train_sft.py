@@ -28,10 +28,9 @@ def prepare(argv: Sequence[str]) -> tuple[list[str], bool]:
     from .. import compat
 
     ours, rest = plugin_parser(LAUNCHER, reward=False).parse_known_args(list(argv))
-    cpu = ours.cpu
-    if not cpu and not compat.has_cuda():
-        logger.info("no GPU visible: running train_sft on CPU (DeepSpeed CPU accelerator, gloo)")
-        cpu = True
+    from ..cpu.mode import choose_cpu
+
+    cpu = choose_cpu(LAUNCHER, cpu=ours.cpu, gpu=ours.gpu, uses_ray=False)
     parser = compat.launcher_parser(LAUNCHER)
     ns = namespace_dict(parser, rest)
     out = Argv(list(rest))

@@ -50,11 +50,23 @@ def split_response(query: str, prompt: str) -> str:
     """The generated response inside OpenRLHF's ``query`` (prompt + response, decoded).
 
     OpenRLHF decodes prompt and response tokens together, so ``query`` normally starts with
-    ``prompt``; where decoding changed the prompt's text, the response is still taken from
-    ``len(prompt)`` on, as OpenRLHF documents.
+    ``prompt``. When OpenRLHF left-truncated a prompt that did not fit (``utils/agent.py``),
+    ``query`` starts with only the *end* of ``prompt``: the response follows the longest end of
+    the prompt that ``query`` starts with (its first characters may differ, where the cut fell
+    inside a multi-byte character). Otherwise the response is taken from ``len(prompt)`` on,
+    as OpenRLHF documents.
     """
     if prompt and query.startswith(prompt):
         return query[len(prompt):]
+    tail = prompt[-64:]
+    if tail:
+        start = 0
+        while (i := query.find(tail, start)) >= 0:
+            end = i + len(tail)
+            head = query[:end]
+            if prompt.endswith(head[min(4, i):]):
+                return query[end:]
+            start = i + 1
     return query[len(prompt):] if len(query) > len(prompt) else query
 
 
