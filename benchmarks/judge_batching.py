@@ -1,13 +1,22 @@
 """Judgments per second of the ``local`` judge backend, batching concurrent requests vs one at a time.
 
-    python benchmarks/judge_batching.py [--concurrent 16] [--max_new_tokens 32]
+    python benchmarks/judge_batching.py [--concurrent 16] [--max_new_tokens 64]
 
-Both runs use the same small random Llama (built here, nothing is downloaded), the same judge
+All runs use the same small random Llama (built here, nothing is downloaded), the same judge
 prompts and greedy decoding; ``--concurrent`` threads each ask for one judgment at
-once, as OpenRLHF's reward threads (or the HTTP server's workers) do. "batched" is
-:class:`LocalJudge` with ``batch_size=concurrent`` (the continuous-batching engine);
-"one at a time" is the same judge with ``batch_size=1``. The random model never writes EOS,
-so every judgment decodes exactly ``--max_new_tokens`` tokens in both runs.
+once, as OpenRLHF's reward threads (or the HTTP server's workers) do. Three runs, so that
+the two effects are measured apart:
+
+* "one at a time": :class:`LocalJudge` with ``batch_size=1`` (no batching; a lone prompt has
+  no prefix to share);
+* "batched": ``batch_size=concurrent`` with shared-prefix prefill off
+  (``share_prefix_min_tokens=0``): batching alone, like with like;
+* "batched + shared prefix": the same with the default shared-prefix prefill (every prompt
+  starts with the same system prompt and exemplars, as one person's judgments do).
+
+The random model never writes EOS, so every judgment decodes exactly ``--max_new_tokens``
+tokens in every run. ``speedup`` (last line) is batching alone: one at a time / batched;
+``prefix_gain`` is batched / batched + shared prefix.
 
 Then the ``persrm`` plugin's own cost per reward call (one sample, two judgments, as OpenRLHF
 calls it), with model time excluded: the backend is a stub answering instantly. Prints
@@ -150,8 +159,10 @@ def main() -> int:
         path = english_llama(tmp, hidden=args.hidden, layers=args.layers, kv_heads=args.kv_heads)
         requests = [JudgeRequest(m, max_new_tokens=args.max_new_tokens) for m in prompts(args.concurrent)]
         results = {}
-        for label, batch_size in (("batched", args.concurrent), ("one at a time", 1)):
-            judge = LocalJudge(path, batch_size=batch_size)
+        runs = (("batched", args.concurrent, 0), ("batched + shared prefix", args.concurrent, 32),
+                ("one at a time", 1, 0))
+        for label, batch_size, share in runs:
+            judge = LocalJudge(path, batch_size=batch_size, share_prefix_min_tokens=share)
             if label == "batched":
                 engine = judge.engine
                 n_params = sum(p.numel() for p in engine.model.parameters())
@@ -167,14 +178,18 @@ def main() -> int:
             seconds, outputs = concurrent_judgments(judge, requests)
             results[label] = (seconds, outputs)
             tokens = judge.stats["generated_tokens"] - before
-            print(f"{label:>14}: {len(requests)} judgments ({tokens} tokens) in {seconds:6.2f} s = "
+            print(f"{label:>23}: {len(requests)} judgments ({tokens} tokens) in {seconds:6.2f} s = "
                   f"{len(requests) / seconds:6.2f} judgments/s", flush=True)
             judge.close()
-    same = sum(a == b for a, b in zip(results["batched"][1], results["one at a time"][1]))
-    print(f"identical greedy outputs, batched vs one at a time: {same}/{len(requests)}")
+    for label in ("batched", "batched + shared prefix"):
+        same = sum(a == b for a, b in zip(results[label][1], results["one at a time"][1]))
+        print(f"identical greedy outputs, {label} vs one at a time: {same}/{len(requests)}")
     print(f"persrm plugin overhead per reward call (1 sample, 2 judgments, stub backend): "
           f"{plugin_overhead_us(2000):.0f} us")
-    print(f"speedup={results['one at a time'][0] / results['batched'][0]:.2f}")
+    one, batched, shared = (results[k][0] for k in ("one at a time", "batched", "batched + shared prefix"))
+    print(f"batching with shared prefix vs one at a time: {one / shared:.2f}x")
+    print(f"prefix_gain={batched / shared:.2f}")
+    print(f"speedup={one / batched:.2f}")
     return 0
 
 

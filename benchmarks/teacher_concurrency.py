@@ -1,7 +1,11 @@
 """Pairs per second of `persrm synth` against a local OpenAI-compatible server with 200 ms latency,
-at concurrency 1 and 32 in the same run; prints ``speedup=<ratio>`` last.
+at concurrency 1 and 32 in the same run, on the same workload; prints ``speedup=<ratio>`` last.
 
-    python benchmarks/teacher_concurrency.py [--latency 0.2] [--high 32]
+    python benchmarks/teacher_concurrency.py [--latency 0.2] [--high 32] [--authors 4] [--per_author 12]
+
+Both concurrencies synthesise the same corpus slice (``--authors`` demo authors x
+``--per_author`` paragraphs, same seed), so they make the same pairs and the same requests;
+the script checks that and reports the request counts.
 
 The server (tests/_openai_server.py) runs in its own process, so client and server do not
 share a GIL. The teacher cache is off: every request goes over HTTP. Each pair is one
@@ -48,6 +52,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--latency", type=float, default=0.2, help="server latency per request, seconds")
     ap.add_argument("--high", type=int, default=32, help="the high concurrency to compare with 1")
+    ap.add_argument("--authors", type=int, default=4, help="demo authors in the workload (both runs)")
+    ap.add_argument("--per_author", type=int, default=12, help="paragraphs per author in the workload (both runs)")
     args = ap.parse_args()
     server = subprocess.Popen([sys.executable, str(REPO / "tests/_openai_server.py"), "--latency", str(args.latency),
                                "--bad_content_rate", "0.05"], stdout=subprocess.PIPE, text=True)
@@ -56,8 +62,8 @@ def main() -> int:
         if not line.startswith("READY "):
             raise SystemExit(f"server did not start: {line!r}")
         base_url = line.split(" ", 1)[1]
-        low = run(base_url, 1, authors=2, per_author=8)
-        high = run(base_url, args.high, authors=None, per_author=None)
+        low = run(base_url, 1, authors=args.authors, per_author=args.per_author)
+        high = run(base_url, args.high, authors=args.authors, per_author=args.per_author)
     finally:
         server.terminate()
         server.wait()
@@ -67,6 +73,8 @@ def main() -> int:
         print(f"concurrency={conc:>3}: {pairs} pairs ({requests} requests) in {elapsed:.1f} s "
               f"-> {rates[name]:.2f} pairs/s, {requests / elapsed:.1f} requests/s "
               f"(server latency {args.latency * 1000:.0f} ms)")
+    if low[0] != high[0]:
+        print(f"warning: the two runs made different numbers of pairs ({low[0]} vs {high[0]})")
     print(f"speedup={rates['high'] / rates['low']:.1f}")
     return 0
 

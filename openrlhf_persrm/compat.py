@@ -10,7 +10,10 @@ under ``if __name__ == "__main__":``. To extend it without copying it, this modu
 * runs the launcher's ``__main__`` unmodified with a rewritten ``sys.argv``
   (:func:`run_launcher`);
 * holds the CPU shims that let ``train_sft`` run on DeepSpeed's CPU accelerator
-  (:func:`apply_cpu_shims`) and the upstream Ray environment defaults (:data:`RAY_ENV_DEFAULTS`).
+  (:func:`apply_cpu_shims`) and the upstream Ray environment defaults (:data:`RAY_ENV_DEFAULTS`);
+* puts subclasses of OpenRLHF's ``PPOTrainer`` and ``SFTTrainer`` in their modules before the
+  launcher runs, which call the trainer plugins' hooks and the GRPO step health check
+  (:func:`install_trainer_hooks`).
 
 ``tests/test_compat.py`` pins each of these facts so an OpenRLHF upgrade fails loudly there.
 """
@@ -27,7 +30,7 @@ import runpy
 import sys
 import types
 from importlib.metadata import PackageNotFoundError, version
-from typing import Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from . import OPENRLHF_VERSION
 
@@ -351,3 +354,356 @@ def ensure_single_process_env() -> None:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+
+
+# --------------------------------------------------------------------------- trainer plugins
+#
+# OpenRLHF 0.11.2 facts these hooks rely on (pinned in tests/test_compat.py):
+# * ``train_ppo_ray.train`` imports ``PPOTrainer`` from ``openrlhf.trainer.ppo_trainer`` when it runs (so a
+#   subclass put there first is the one it starts); the class is a Ray actor class whose Python class is
+#   ``__ray_actor_class__``; ``--train.async_enable`` uses ``ppo_trainer_async`` instead (not hooked);
+# * ``RemoteExperienceMaker.make_experience_batch`` calls ``self.compute_advantages_and_returns(experiences)``
+#   once per step, with every sample's ``rewards``, ``info["reward"]``, ``prompts``, ``labels``, ``truncated``,
+#   ``index`` (position in the step) set; advantages are computed from ``rewards`` in there;
+# * ``BasePPOTrainer.train_step(rollout_samples, global_step) -> (status, global_step + 1)`` returns the dict
+#   logged as "Global step N" and given to ``save_logs_and_checkpoints(global_step, logs_dict, client_states)``
+#   (wandb, TensorBoard, checkpoints); ``save_best_checkpoint(metrics, global_step, client_states)`` keeps the
+#   best checkpoint by ``self.best_eval_metric_key``; the vLLM engines hold the new weights after train_step;
+# * ``RolloutRayActor.generate(prompt_token_ids, sampling_params)`` returns a vLLM ``RequestOutput``;
+# * ``train_sft`` imports ``SFTTrainer`` from ``openrlhf.trainer.sft_trainer`` at module level (run by runpy
+#   after this patch) and calls ``save_logs_and_checkpoints(args, global_step, step_bar, logs_dict,
+#   client_states)`` after every optimizer step; ``self.model.model`` is the DeepSpeed engine.
+
+_HOOKS_INSTALLED: set[str] = set()
+
+
+def install_trainer_hooks(launcher: str) -> None:
+    """Driver side, before :func:`run_launcher`: OpenRLHF's trainer class becomes a subclass that runs the
+    trainer plugins named in the environment (``openrlhf_persrm.trainers.hooks``) and, for
+    ``train_ppo_ray``, the always-on step health check. Idempotent; the launchers stay unmodified."""
+    if launcher in _HOOKS_INSTALLED:
+        return
+    check_openrlhf_version()
+    install_flash_attn_stub()
+    if launcher == "train_ppo_ray":
+        ensure_vllm_importable()
+        _install_ppo_hooks()
+    elif launcher == "train_sft":
+        _install_sft_hooks()
+    else:
+        raise ValueError(f"no trainer hooks for launcher {launcher!r}")
+    _HOOKS_INSTALLED.add(launcher)
+
+
+def _install_ppo_hooks() -> None:
+    import ray
+    from openrlhf.trainer import ppo_trainer
+
+    base = ppo_trainer.PPOTrainer.__ray_actor_class__
+
+    class PPOTrainer(base):  # type: ignore[misc, valid-type]
+        """OpenRLHF's PPOTrainer with openrlhf-persrm's trainer hooks."""
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            attach_ppo_hooks(self)
+
+        def train_step(self, rollout_samples, global_step):
+            self._persrm_step = global_step + 1
+            status, global_step = super().train_step(rollout_samples, global_step)
+            status.update(self._persrm_metrics)
+            self._persrm_metrics = {}
+            evals = ppo_evaluate(self, global_step)
+            status.update(evals)
+            self._persrm_evals = evals
+            return status, global_step
+
+        def save_logs_and_checkpoints(self, global_step, logs_dict=None, client_states=None):
+            super().save_logs_and_checkpoints(global_step, logs_dict, client_states)
+            evals, self._persrm_evals = self._persrm_evals, {}
+            if evals and self._persrm_runner.best_metric in evals:
+                # OpenRLHF's own best-checkpoint tracking (tag best_global_stepN, older best removed)
+                self.save_best_checkpoint(evals, global_step, dict(client_states or {}))
+
+    ppo_trainer.PPOTrainer = ray.remote(PPOTrainer)
+
+
+def attach_ppo_hooks(trainer) -> None:
+    """Inside the PPO trainer actor: plugins from the environment, the hook before advantages, twins
+    kept in one step, and the best-checkpoint metric."""
+    from .trainers.hooks import HookRunner, plugins_from_env
+
+    runner = HookRunner(plugins_from_env("rl"), "rl")
+    trainer._persrm_runner, trainer._persrm_metrics, trainer._persrm_evals, trainer._persrm_step = runner, {}, {}, 0
+    maker = trainer.experience_maker
+    original = maker.compute_advantages_and_returns
+
+    def compute_advantages_and_returns(experiences):
+        trainer._persrm_metrics = before_advantages(trainer, experiences)
+        return original(experiences)
+
+    maker.compute_advantages_and_returns = compute_advantages_and_returns
+    if runner.wants_twins:
+        keep_twins_together(trainer, runner)
+    if runner.best_metric and not getattr(trainer.args.ckpt, "best_metric_key", ""):
+        trainer.best_eval_metric_key = runner.best_metric
+    if runner.plugins:
+        logger.info("trainer plugins: %s", ", ".join(p.name for p in runner.plugins))
+
+
+def rollout_step_from_experiences(experiences, tokenizer, global_step: int, n_samples_per_prompt: int,
+                                  max_new_tokens: int | None):
+    """The :class:`~openrlhf_persrm.contracts.RolloutStep` of a step's experiences (micro-batches), and
+    where each of its samples lives: ``[(experience, row)]`` in step order."""
+    from .contracts import RolloutSample, RolloutStep
+
+    where = sorted(((idx, exp, row) for exp in experiences for row, idx in enumerate(exp.index)),
+                   key=lambda t: t[0])
+    samples = []
+    for idx, exp, row in where:
+        mask = exp.action_mask[row].bool()
+        ids = exp.sequences[row][1:][mask]
+        truncated = bool(exp.truncated[row]) if exp.truncated is not None else False
+        samples.append(RolloutSample(prompt=exp.prompts[row], response=tokenizer.decode(ids, skip_special_tokens=True),
+                                     label=exp.labels[row], reward=float(exp.rewards[row]), truncated=truncated,
+                                     group=idx // max(1, n_samples_per_prompt)))
+    return (RolloutStep(global_step, samples, n_samples_per_prompt, max_new_tokens),
+            [(exp, row) for _, exp, row in where])
+
+
+def before_advantages(trainer, experiences) -> dict[str, float]:
+    """Run the plugins' ``on_rollout_step`` on the whole step, write their rewards back, and warn about
+    a step that cannot teach anything. Returns the plugins' metrics."""
+    from dataclasses import replace
+
+    from .trainers.health import step_health
+
+    args = trainer.args
+    runner = trainer._persrm_runner
+    step, where = rollout_step_from_experiences(experiences, trainer.tokenizer, trainer._persrm_step,
+                                                args.rollout.n_samples_per_prompt, args.rollout.max_new_tokens)
+    result = runner.rollout_step(step) if runner.plugins else None
+    if result is not None and result.rewards is not None:
+        for (exp, row), reward in zip(where, result.rewards):
+            exp.rewards[row] = reward
+            if "reward" in exp.info:
+                exp.info["reward"][row] = reward
+        step = replace(step, samples=[replace(s, reward=r) for s, r in zip(step.samples, result.rewards)])
+    for warning in step_health(step, estimator=args.algo.advantage.estimator):
+        _step_logger().warning("step %d: %s", step.global_step, warning)
+    return dict(result.metrics) if result is not None else {}
+
+
+def _step_logger():
+    from openrlhf.utils.logging_utils import init_logger
+
+    return init_logger("openrlhf_persrm.step_health")
+
+
+class TwinSampler:
+    """Prompt order that keeps rows with the same twin key inside one rollout batch: units (a row, or rows
+    sharing a key) are shuffled each epoch and packed first-fit into batches of ``batch_size``; full batches
+    come first, so no unit straddles two steps."""
+
+    def __init__(self, keys, batch_size: int, seed: int = 0):
+        units: dict[Any, list[int]] = {}
+        for i, key in enumerate(keys):
+            units.setdefault(("row", i) if key is None else ("key", key), []).append(i)
+        self.units = list(units.values())
+        self.batch_size, self.seed, self.epoch = max(1, int(batch_size)), seed, 0
+
+    def __len__(self) -> int:
+        return sum(len(u) for u in self.units)
+
+    def order(self, epoch: int) -> list[int]:
+        import random
+
+        units = list(self.units)
+        random.Random(self.seed + epoch).shuffle(units)
+        batches: list[list[int]] = []
+        for unit in units:
+            for batch in batches:
+                if len(batch) + len(unit) <= self.batch_size:
+                    batch.extend(unit)
+                    break
+            else:
+                batches.append(list(unit))
+        full = [b for b in batches if len(b) == self.batch_size]
+        rest = [b for b in batches if len(b) != self.batch_size]
+        return [i for b in full + rest for i in b]
+
+    def __iter__(self):
+        order = self.order(self.epoch)
+        self.epoch += 1
+        return iter(order)
+
+
+def keep_twins_together(trainer, runner) -> None:
+    """Replace the PPO trainer's prompt dataloader with one whose order keeps twins in one step."""
+    from torchdata.stateful_dataloader import StatefulDataLoader
+
+    args = trainer.args
+    old = trainer.prompts_dataloader
+    dataset = old.dataset
+    keys = [runner.twin_key(dataset[i][2]) for i in range(len(dataset))]
+    sampler = TwinSampler(keys, args.rollout.batch_size, args.train.seed)
+    new = StatefulDataLoader(dataset, batch_size=1, sampler=sampler, drop_last=True, collate_fn=dataset.collate_fn,
+                             num_workers=0)
+    trainer.prompts_dataloader = new
+    trainer.samples_generator.prompts_dataloader = new
+    twins = sum(len(u) > 1 for u in sampler.units)
+    logger.info("trainer plugins: %d groups of twin rows kept in one rollout step each", twins)
+
+
+def engine_generate(trainer):
+    """A greedy :class:`~openrlhf_persrm.contracts.GenerateFn` on the trainer's vLLM (or CPU stand-in) engines."""
+    def generate(prompts, *, max_new_tokens: int, batch_size: int = 8) -> list[str]:
+        import ray
+        from openrlhf.trainer.ray.vllm_engine import batch_vllm_engine_call
+        from vllm import SamplingParams
+
+        engines = trainer.vllm_engines or []
+        if not engines:
+            raise RuntimeError("persrm trainer plugins: evaluation in train_ppo_ray needs --vllm.num_engines >= 1")
+        params = SamplingParams(temperature=0.0, top_p=1.0, max_tokens=max_new_tokens, skip_special_tokens=True)
+        ids = [_chat_ids(trainer.tokenizer, m) for m in prompts]
+        if trainer.args.vllm.enable_sleep:
+            batch_vllm_engine_call(engines, "wake_up")
+        try:
+            outs = []
+            step = max(1, batch_size) * len(engines)
+            for start in range(0, len(ids), step):
+                refs = [engines[n % len(engines)].generate.remote(p, params)
+                        for n, p in enumerate(ids[start:start + step])]
+                outs += ray.get(refs)
+        finally:
+            if trainer.args.vllm.enable_sleep:
+                batch_vllm_engine_call(engines, "sleep")
+        return [o.outputs[0].text if o is not None and o.outputs else "" for o in outs]
+
+    return generate
+
+
+def _chat_ids(tokenizer, messages) -> list[int]:
+    ids = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
+    if isinstance(ids, dict) or hasattr(ids, "keys"):
+        ids = ids["input_ids"]
+    return list(ids)
+
+
+def ppo_evaluate(trainer, global_step: int) -> dict[str, float]:
+    runner = trainer._persrm_runner
+    if not runner.eval_due(global_step):
+        return {}
+    metrics = runner.evaluate(global_step, engine_generate(trainer))
+    logger.info("persrm eval at global step %d: %s", global_step, metrics)
+    if metrics:
+        if trainer.wandb_logger:
+            trainer.wandb_logger.log_eval(global_step, metrics)
+        if trainer.tensorboard_logger:
+            trainer.tensorboard_logger.log_eval(global_step, metrics)
+    return metrics
+
+
+def _install_sft_hooks() -> None:
+    from openrlhf.trainer import sft_trainer
+
+    base = sft_trainer.SFTTrainer
+
+    class SFTTrainer(base):  # type: ignore[misc, valid-type]
+        """OpenRLHF's SFTTrainer with openrlhf-persrm's trainer hooks."""
+
+        def __init__(self, *args, **kwargs):
+            from .trainers.hooks import HookRunner, plugins_from_env
+
+            super().__init__(*args, **kwargs)
+            self._persrm_runner = HookRunner(plugins_from_env("sft"), "sft")
+
+        def save_logs_and_checkpoints(self, args, global_step, step_bar, logs_dict=None, client_states=None):
+            logs_dict = dict(logs_dict or {})
+            runner = self._persrm_runner
+            metrics = runner.evaluate(global_step, hf_generate(self)) if runner.eval_due(global_step) else {}
+            logs_dict.update(metrics)  # through OpenRLHF's own wandb / TensorBoard logging
+            super().save_logs_and_checkpoints(args, global_step, step_bar, logs_dict, client_states)
+            if metrics:
+                self.strategy.print(f"[persrm] Global step {global_step}: {logs_dict}")
+                if runner.is_new_best(global_step, metrics):
+                    save_best_sft(self, args, global_step, runner.best_metric, metrics[runner.best_metric])
+
+    sft_trainer.SFTTrainer = SFTTrainer
+
+
+def hf_generate(trainer):
+    """A greedy :class:`~openrlhf_persrm.contracts.GenerateFn` on the SFT model (every rank runs it whole,
+    so their metrics and best-checkpoint decisions agree)."""
+    def generate(prompts, *, max_new_tokens: int, batch_size: int = 8) -> list[str]:
+        import torch
+
+        tokenizer = trainer.tokenizer
+        engine = trainer.model.model
+        model = getattr(engine, "module", engine)
+        device = next(model.parameters()).device
+        side = tokenizer.padding_side
+        tokenizer.padding_side = "left"
+        was_training = model.training
+        model.eval()
+        out: list[str] = []
+        try:
+            with torch.no_grad():
+                for start in range(0, len(prompts), max(1, batch_size)):
+                    texts = [tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True)
+                             for m in prompts[start:start + batch_size]]
+                    enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+                    gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+                    out += tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        finally:
+            tokenizer.padding_side = side
+            if was_training:
+                model.train()
+        return out
+
+    return generate
+
+
+def save_best_sft(trainer, args, global_step: int, key: str, value: float) -> None:
+    """Keep one best SFT checkpoint (HF format) at ``<ckpt.path>/best_global_step<N>_hf``, and
+    ``best_checkpoint.json`` beside it; the previous best is removed."""
+    import json
+    import shutil
+
+    path = os.path.join(args.ckpt.path, f"best_global_step{global_step}_hf")
+    trainer.strategy.save_model(trainer.model, trainer.tokenizer, path)
+    if trainer.strategy.is_rank_0():
+        for name in os.listdir(args.ckpt.path):
+            old = os.path.join(args.ckpt.path, name)
+            if name.startswith("best_global_step") and old != path and os.path.isdir(old):
+                shutil.rmtree(old, ignore_errors=True)
+        with open(os.path.join(args.ckpt.path, "best_checkpoint.json"), "w", encoding="utf-8") as fh:
+            json.dump({"global_step": global_step, "metric": key, "value": value, "path": path}, fh)
+        trainer.strategy.print(f"[persrm] New best checkpoint: {key}={value:.4f} at step {global_step}: {path}")
+# --------------------------------------------------------------------------- prompt budgets
+
+def prompt_token_counter(tokenizer) -> Callable[[list[dict[str, str]]], int]:
+    """Tokens of a chat prompt exactly as OpenRLHF 0.11.2's rollouts count them.
+
+    ``datasets/prompts_dataset.py: preprocess_data`` renders the messages with the chat template
+    (``add_generation_prompt=True``); ``utils/agent.py: SingleTurnAgentExecutor.execute``
+    tokenizes that text with ``add_special_tokens=False`` and keeps only the last
+    :func:`max_prompt_tokens` tokens.
+    """
+    install_flash_attn_stub()
+    from openrlhf.datasets.prompts_dataset import preprocess_data
+
+    def count(messages: list[dict[str, str]]) -> int:
+        text, _ = preprocess_data({"prompt": messages}, None, "prompt", None, tokenizer.apply_chat_template)
+        return len(tokenizer(text=text, add_special_tokens=False)["input_ids"])
+
+    return count
+
+
+def max_prompt_tokens(max_len: int, max_new_tokens: int | None) -> int:
+    """The longest prompt OpenRLHF 0.11.2 leaves uncut (``utils/agent.py``: ``max_prompt_length =
+    max_len - max_tokens``, where ``max_tokens`` is ``--rollout.max_new_tokens`` or, unset,
+    ``max(1, max_len - prompt_len)``)."""
+    return max_len - max_new_tokens if max_new_tokens else max_len - 1

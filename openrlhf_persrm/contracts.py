@@ -1,6 +1,6 @@
 """The whole extension contract of openrlhf-persrm, in one file of typed, documented stubs.
 
-Three kinds of plugin exist, each with a registry (``openrlhf_persrm.registry``) fed by an
+Four kinds of plugin exist, each with a registry (``openrlhf_persrm.registry``) fed by an
 entry-point group:
 
 =================  ===============================  ==========================================
@@ -9,15 +9,16 @@ kind               entry-point group                what the entry point names
 reward plugin      ``openrlhf_persrm.rewards``      a :class:`RewardPlugin` class (or factory)
 dataset plugin     ``openrlhf_persrm.datasets``     a :class:`DatasetPlugin` class (or factory)
 judge backend      ``openrlhf_persrm.judges``       a :class:`JudgeBackend` class (or factory)
+trainer plugin     ``openrlhf_persrm.trainers``     a :class:`TrainerPlugin` subclass (or factory)
 =================  ===============================  ==========================================
 
 A plugin class is constructed with keyword arguments only (its configuration, from
-``--reward_plugin_config`` / ``--dataset_plugin_config`` JSON), so it must be a class or
+``--reward_plugin_config`` / ``--dataset_plugin_config`` / ``--trainer_plugin_config`` JSON), so it must be a class or
 factory whose parameters all have defaults. Instances must pickle: Ray ships them to
 workers, so use small callable classes, not closures.
 
 Plugins are checked when they register (:func:`check_reward_plugin`,
-:func:`check_dataset_plugin`); a bad one is rejected with an error naming the plugin and
+:func:`check_dataset_plugin`, :func:`check_trainer_plugin`); a bad one is rejected with an error naming the plugin and
 the signature it should have.
 """
 
@@ -25,7 +26,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Protocol, Sequence, runtime_checkable
+from typing import Any, ClassVar, Mapping, Protocol, Sequence, runtime_checkable
 
 
 class PluginError(TypeError):
@@ -151,6 +152,142 @@ class JudgeBackend(Protocol):
     def generate(self, requests: Sequence[JudgeRequest]) -> list[str | JudgeError]: ...
 
 
+# --------------------------------------------------------------------------- trainers
+
+@dataclass
+class RolloutSample:
+    """One sample of a rollout step, as the experience maker holds it before advantages.
+
+    ``response`` is decoded without special tokens; ``group`` numbers the prompt group (the
+    ``--rollout.n_samples_per_prompt`` samples of one prompt share it).
+    """
+
+    prompt: str
+    response: str
+    label: Any
+    reward: float
+    truncated: bool = False
+    group: int = 0
+
+
+@dataclass
+class RolloutStep:
+    """A whole rollout step: every sample with its prompt, label, response and current reward.
+
+    Samples of one prompt are contiguous and share ``group``. ``global_step`` is the step the
+    update from these samples will be (1 for the first).
+    """
+
+    global_step: int
+    samples: list[RolloutSample]
+    n_samples_per_prompt: int = 1
+    max_new_tokens: int | None = None
+
+    @property
+    def rewards(self) -> list[float]:
+        return [s.reward for s in self.samples]
+
+    def groups(self) -> list[list[int]]:
+        """Sample indices by prompt group, in order of first appearance."""
+        out: dict[int, list[int]] = {}
+        for i, s in enumerate(self.samples):
+            out.setdefault(s.group, []).append(i)
+        return list(out.values())
+
+    def pairs(self) -> dict[str, dict[str, list[int]]]:
+        """Sample indices by pair and A/B order: ``{pair_id: {"A": [...], "B": [...]}}``.
+
+        A pair is identified by its label's ``pair_id`` and the order by ``chosen_position`` (the
+        ``persrm_rl`` label); samples whose label has neither are left out.
+        """
+        out: dict[str, dict[str, list[int]]] = {}
+        for i, s in enumerate(self.samples):
+            label = s.label
+            if isinstance(label, str):
+                try:
+                    import json
+
+                    label = json.loads(label)
+                except ValueError:
+                    continue
+            if not isinstance(label, dict):
+                continue
+            pid, pos = label.get("pair_id"), label.get("chosen_position")
+            if pid is None or pos not in ("A", "B"):
+                continue
+            out.setdefault(str(pid), {"A": [], "B": []})[pos].append(i)
+        return out
+
+
+@dataclass
+class StepResult:
+    """What :meth:`TrainerPlugin.on_rollout_step` changes: new rewards (one per sample, or None to
+    keep them) and metrics logged with the step (scalars, in OpenRLHF's per-step logs)."""
+
+    rewards: list[float] | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class GenerateFn(Protocol):
+    """Greedy generation with the model being trained: chat messages in, response texts out."""
+
+    def __call__(self, prompts: Sequence[list[dict[str, str]]], *, max_new_tokens: int,
+                 batch_size: int = 8) -> list[str]: ...
+
+
+#: Hook name -> the keyword arguments it is called with.
+TRAINER_HOOKS: dict[str, tuple[str, ...]] = {
+    "on_rollout_step": ("step",),
+    "on_evaluate": ("stage", "global_step", "generate"),
+    "twin_key": ("label",),
+}
+
+
+class TrainerPlugin:
+    """Hooks into OpenRLHF's training loops; one class of named events with no-op defaults.
+
+    Subclass it and override only what you need (the shape of transformers' ``TrainerCallback``).
+    Every hook is called with keyword arguments and returns what it changes, never mutating its
+    inputs. A plugin is constructed with its ``--trainer_plugin_config`` as keyword arguments, in
+    the process that runs the loop (the PPO trainer Ray actor for ``train_ppo_ray``, every rank for
+    ``train_sft``), so it must pickle and defer heavy imports.
+
+    Class attributes:
+
+    ``name``
+        short name (also the registry name of the built-ins);
+    ``stages``
+        the stages it works in: ``"sft"`` (``train_sft``), ``"rl"`` (``train_ppo_ray``);
+    ``provides_rewards``
+        its :meth:`on_rollout_step` sets every reward, so ``train_ppo_ray`` needs no
+        ``--reward_plugin`` (the wrapper gives OpenRLHF a zero placeholder reward);
+    ``eval_steps`` (instance)
+        :meth:`on_evaluate` runs every this many steps (0: never);
+    ``best_metric`` (instance)
+        a key of :meth:`on_evaluate`'s metrics; the checkpoint where it is highest is kept as the
+        best one (OpenRLHF's own best-checkpoint tracking in ``train_ppo_ray``).
+    """
+
+    name: ClassVar[str] = "trainer_plugin"
+    stages: ClassVar[tuple[str, ...]] = ("sft", "rl")
+    provides_rewards: ClassVar[bool] = False
+    eval_steps: int = 0
+    best_metric: str | None = None
+
+    def twin_key(self, *, label: Any) -> str | None:
+        """Rows whose labels share a key land in the same rollout step (e.g. both A/B orders of a
+        pair). None: no constraint. ``train_ppo_ray`` only."""
+        return None
+
+    def on_rollout_step(self, *, step: RolloutStep) -> StepResult | None:
+        """A whole rollout step before advantages: return new rewards and/or metrics, or None."""
+        return None
+
+    def on_evaluate(self, *, stage: str, global_step: int, generate: GenerateFn) -> dict[str, float] | None:
+        """Every ``eval_steps`` steps: metrics (scalars) for OpenRLHF's logs, or None."""
+        return None
+
+
 # --------------------------------------------------------------------------- checks
 
 def _factory_ok(obj: Any) -> bool:
@@ -240,3 +377,66 @@ def config_error(plugin: str, cls: Any, config: Mapping[str, Any], exc: TypeErro
         params = "?"
     return ValueError(f"plugin {plugin!r} rejects its configuration {dict(config)!r}: {exc}. "
                       f"Accepted keys: {params}")
+
+
+TRAINER_SIGNATURE = ("class Plugin(TrainerPlugin) constructible as Plugin(**config), overriding hooks with keyword "
+                     "arguments: " + "; ".join(f"{h}(*, {', '.join(a)})" for h, a in TRAINER_HOOKS.items()))
+
+
+def _hook_problem(fn: Any, hook: str) -> str | None:
+    if not callable(fn):
+        return f"{hook} is not callable"
+    if inspect.iscoroutinefunction(fn):
+        return f"{hook} is `async def`; trainer hooks are called synchronously"
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return None
+    params = list(sig.parameters.values())
+    if params and params[0].name == "self":
+        params = params[1:]
+    if any(p.kind == p.VAR_KEYWORD for p in params):
+        return None
+    names = {p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
+    missing = [a for a in TRAINER_HOOKS[hook] if a not in names]
+    required = [p.name for p in params if p.default is p.empty and p.name not in TRAINER_HOOKS[hook]
+                and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    if missing or required:
+        return (f"{hook}{sig} does not take the keyword arguments ({', '.join(TRAINER_HOOKS[hook])})"
+                + (f"; it requires {', '.join(required)}" if required else ""))
+    return None
+
+
+def check_trainer_plugin(name: str, obj: Any) -> None:
+    """Reject at registration a trainer plugin that cannot honour :class:`TrainerPlugin`:
+    required constructor arguments, a hook with the wrong signature, or an ``on_*`` method that is
+    no hook (a misspelt hook would silently never run)."""
+    if not callable(obj) or not _factory_ok(obj):
+        raise PluginError(f"trainer plugin {name!r}: {obj!r} must be constructible with keyword arguments only; "
+                          f"expected {TRAINER_SIGNATURE}")
+    if inspect.isclass(obj):
+        _check_trainer_hooks(name, obj)
+
+
+def check_trainer_instance(name: str, inst: Any) -> None:
+    """The same checks on a constructed plugin (a factory's product)."""
+    _check_trainer_hooks(name, inst)
+    stages = getattr(inst, "stages", None)
+    if not stages or not set(stages) <= {"sft", "rl"}:
+        raise PluginError(f"trainer plugin {name!r}: stages={stages!r}; use a subset of ('sft', 'rl')")
+
+
+def _check_trainer_hooks(name: str, obj: Any) -> None:
+    label = getattr(obj, "__qualname__", type(obj).__qualname__)
+    for attr in dir(obj):
+        if attr.startswith("on_") and attr not in TRAINER_HOOKS:
+            raise PluginError(f"trainer plugin {name!r}: {label}.{attr} is not a trainer hook (known: "
+                              f"{', '.join(TRAINER_HOOKS)}); expected {TRAINER_SIGNATURE}")
+    found = [h for h in TRAINER_HOOKS if hasattr(obj, h)]
+    if not found:
+        raise PluginError(f"trainer plugin {name!r}: {label} defines none of the hooks "
+                          f"{', '.join(TRAINER_HOOKS)}; expected {TRAINER_SIGNATURE}")
+    for hook in found:
+        problem = _hook_problem(getattr(obj, hook), hook)
+        if problem:
+            raise PluginError(f"trainer plugin {name!r}: {label}.{problem}; expected {TRAINER_SIGNATURE}")

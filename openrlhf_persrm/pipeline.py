@@ -12,14 +12,25 @@ Each training stage runs in its own process through the launcher wrappers. A sta
 outputs are complete and whose configuration (its own and every stage before it) is
 unchanged is skipped, so rerunning a recipe after a crash resumes where it stopped. The run
 manifest (``<workdir>/manifest.json``) records the recipe, code version, and per-stage status,
-timing and outputs; each stage's full log is in ``<workdir>/logs/``.
+timing and outputs, and whether each training stage changed the model's weights (a stage that
+left them unchanged learnt nothing, and the pipeline says so); each stage's full log is in
+``<workdir>/logs/``.
+
+Relative paths in a recipe (``workdir``, ``synth.input``, datasets, local models, plugin files,
+output folders) are resolved against the directory ``persrm pipeline`` runs in, before any
+stage starts; ``{workdir}`` in a value stands for the run's workdir. ``persrm pipeline RECIPE
+--dry_run`` shows the resolved plan: every stage's command, parsed by OpenRLHF's own parser
+(and ``persrm synth``'s), and every input that must exist, without running anything.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import os
+import shlex
 import subprocess
 import sys
 import threading
@@ -79,7 +90,9 @@ class Recipe:
     model: str
     workdir: str = ""
     seed: int = 0
-    cpu: bool = False
+    #: true: every training stage with --cpu; false: with --gpu (fail rather than fall back to CPU);
+    #: unset: the wrappers choose (CPU only without a GPU and without a reachable Ray cluster).
+    cpu: bool | None = None
     synth: dict[str, Any] = field(default_factory=dict)
     sft: dict[str, Any] | None = None
     grpo: dict[str, Any] | None = None
@@ -125,6 +138,51 @@ class Recipe:
             raise RecipeError(f"{path}: {exc}") from None
 
 
+#: Flag names (or endings) whose values are files or folders the stage reads.
+INPUT_KEYS = ("input", "dataset", "prompt_dataset", "model_name_or_path", "pretrain", "load_path",
+              "agent_func_path", "wordnet_dir", "gguf_file", "hostfile")
+#: Flag endings whose values are folders or files a stage writes.
+OUTPUT_ENDINGS = ("_dir", "output_dir", "save_path", "ckpt.path")
+PLUGIN_KEYS = ("dataset_plugin", "reward_plugin")
+_FILE_SUFFIXES = (".jsonl", ".json", ".gz", ".parquet", ".csv", ".arrow", ".txt", ".py", ".yaml", ".yml")
+
+
+def _leaf(key: str) -> str:
+    return key.rsplit(".", 1)[-1]
+
+
+def _local(value: str, base: Path) -> bool:
+    """Whether ``value`` names a local path rather than a hub id (``Qwen/Qwen2.5-7B-Instruct``)."""
+    return (value.startswith((".", "/", "~")) or value.endswith(_FILE_SUFFIXES)
+            or (base / os.path.expanduser(value)).exists())
+
+
+def _absolute(value: str, base: Path) -> str:
+    return str((base / os.path.expanduser(value)).resolve()) if not os.path.isabs(value) else value
+
+
+def resolve_paths(flags: dict[str, Any] | None, base: Path, workdir: Path) -> dict[str, Any]:
+    """``flags`` with every path made absolute against ``base`` (where the command runs)."""
+    out: dict[str, Any] = {}
+    for key, value in (flags or {}).items():
+        if isinstance(value, str):
+            value = value.replace("{workdir}", str(workdir))
+            leaf = _leaf(key)
+            if key in PLUGIN_KEYS:  # a file plugin (file.py[:Class]); names and dotted paths stay
+                path, sep, attr = value.partition(":") if value.count(":") == 1 else (value, "", "")
+                if path.endswith(".py") or (base / path).is_file():
+                    value = _absolute(path, base) + sep + attr
+            elif key.endswith("_config") and value.startswith("@"):
+                value = "@" + _absolute(value[1:], base)
+            elif key.endswith(OUTPUT_ENDINGS) or key == "ckpt.path":
+                value = _absolute(value, base)
+            elif leaf in INPUT_KEYS or key in INPUT_KEYS:
+                parts = [p.strip() for p in value.split(",")]
+                value = ",".join(_absolute(p, base) if p != "demo" and _local(p, base) else p for p in parts)
+        out[key] = value
+    return out
+
+
 def _flags(d: dict[str, Any] | None) -> list[str]:
     out: list[str] = []
     for key, value in (d or {}).items():
@@ -156,6 +214,9 @@ class Stage:
     argv: list[str]              # a subprocess command, or [] for in-process eval
     outputs: list[str]           # files that must exist for the stage to count as complete
     config: dict[str, Any]
+    launcher: str = ""           # "synth", "train_sft" or "train_ppo_ray": whose parser checks argv
+    inputs: dict[str, str] = field(default_factory=dict)  # what the stage reads -> path or model id
+    weights: tuple[str, str] | None = None  # (model in, checkpoint out) of a training stage
 
 
 class Pipeline:
@@ -172,7 +233,10 @@ class Pipeline:
                                   "(or 'curve')")
         self.python = python
         self.verbose = verbose
-        self.work = Path(recipe.workdir).absolute()
+        #: Relative paths in the recipe are resolved against where the command runs.
+        self.base = Path.cwd()
+        self.work = Path(os.path.expanduser(recipe.workdir))
+        self.work = self.work if self.work.is_absolute() else (self.base / self.work).resolve()
         self.data = self.work / "data"
         self.manifest_path = self.work / "manifest.json"
 
@@ -182,41 +246,192 @@ class Pipeline:
 
         if self.r.model.lower() in (SMOLLM2, "smollm2"):
             return os.path.abspath(resolve_model(self.r.model))
-        return self.r.model
+        return self.model_id()
+
+    def model_id(self) -> str:
+        """The base model as the stages get it (a local path made absolute), without converting SmolLM2."""
+        from .models import SMOLLM2
+
+        if self.r.model.lower() in (SMOLLM2, "smollm2"):
+            return self.r.model
+        return _absolute(self.r.model, self.base) if _local(self.r.model, self.base) else self.r.model
+
+    def _resolve(self, flags: dict[str, Any] | None) -> dict[str, Any]:
+        return resolve_paths(flags, self.base, self.work)
 
     def plan(self) -> list[Stage]:
         r, py, data = self.r, self.python, self.data
-        cpu = ["--cpu"] if r.cpu else []
+        mode = {True: ["--cpu"], False: ["--gpu"]}.get(r.cpu, [])
         cache = ["--persrm.cache_dir", str(self.work / "cache")]
+        synth = self._resolve(r.synth)
         stages = [Stage("synth", [py, "-m", "data_synth", "--output_dir", str(data), "--seed", str(r.seed),
-                                  "--progress", "false"] + _flags(r.synth),
-                        [str(data / "manifest.json"), str(data / "pairs.jsonl")], {"synth": r.synth, "seed": r.seed})]
+                                  "--progress", "false"] + _flags(synth),
+                        [str(data / "manifest.json"), str(data / "pairs.jsonl")], {"synth": synth, "seed": r.seed},
+                        launcher="synth", inputs={"synth.input": synth["input"]})]
         model = "@base"
         if r.sft is not None:
+            sft = self._resolve(r.sft)
             launch = list(r.sft_launch) or [py, "-m"]
-            argv = [*launch, "openrlhf_persrm.cli.train_sft", *cpu, "--dataset_plugin", "persrm_sft",
+            argv = [*launch, "openrlhf_persrm.cli.train_sft", *mode, "--dataset_plugin", "persrm_sft",
                     "--data.dataset", str(data / "sft.jsonl"), "--model.model_name_or_path", model,
                     "--ckpt.output_dir", str(self.work / "sft"), "--ckpt.save_hf", "--train.seed", str(r.seed),
-                    "--ckpt.path", str(self.work / "sft_ckpt"), *cache, *_flags(r.sft)]
-            stages.append(Stage("sft", argv, [str(self.work / "sft" / "config.json")], {"sft": r.sft}))
+                    "--ckpt.path", str(self.work / "sft_ckpt"), *cache, *_flags(sft)]
+            stages.append(Stage("sft", argv, [str(self.work / "sft" / "config.json")], {"sft": sft},
+                                launcher="train_sft", inputs={"data.dataset": str(data / "sft.jsonl"),
+                                                              "model.model_name_or_path": model},
+                                weights=(model, str(self.work / "sft"))))
             model = str(self.work / "sft")
         if r.grpo is not None:
-            actor = r.grpo.get("actor.model_name_or_path", model)
-            flags = {k: v for k, v in r.grpo.items() if k != "actor.model_name_or_path"}
-            argv = [py, "-m", "openrlhf_persrm.cli.train_ppo_ray", *cpu, "--reward_plugin", "persrm_rule",
+            grpo = self._resolve(r.grpo)
+            actor = grpo.get("actor.model_name_or_path", model)
+            flags = {k: v for k, v in grpo.items() if k != "actor.model_name_or_path"}
+            argv = [py, "-m", "openrlhf_persrm.cli.train_ppo_ray", *mode, "--reward_plugin", "persrm_rule",
                     "--dataset_plugin", "persrm_rl", "--data.prompt_dataset", str(data / "rl.jsonl"),
                     "--actor.model_name_or_path", actor, "--ckpt.output_dir", str(self.work / "grpo"),
                     "--ckpt.save_hf", "--train.seed", str(r.seed), "--ckpt.path", str(self.work / "grpo_ckpt"),
                     *cache, *_flags(flags)]
-            stages.append(Stage("grpo", argv, [str(self.work / "grpo" / "config.json")], {"grpo": r.grpo}))
+            stages.append(Stage("grpo", argv, [str(self.work / "grpo" / "config.json")], {"grpo": grpo},
+                                launcher="train_ppo_ray",
+                                inputs={"data.prompt_dataset": str(data / "rl.jsonl"),
+                                        "actor.model_name_or_path": actor},
+                                weights=(actor, str(self.work / "grpo"))))
         if r.policy is not None:
-            argv = [py, "-m", "openrlhf_persrm.cli.train_ppo_ray", *cpu, "--ckpt.output_dir",
+            # By default the policy trains on this run's RL prompts, as persrm_policy rows.
+            policy = self._resolve({"dataset_plugin": "persrm_policy", "data.prompt_dataset": str(data / "rl.jsonl"),
+                                    **r.policy})
+            argv = [py, "-m", "openrlhf_persrm.cli.train_ppo_ray", *mode, "--ckpt.output_dir",
                     str(self.work / "policy"), "--ckpt.save_hf", "--train.seed", str(r.seed), *cache,
-                    *_flags(r.policy)]
-            stages.append(Stage("policy", argv, [str(self.work / "policy" / "config.json")], {"policy": r.policy}))
+                    *_flags(policy)]
+            actor = policy.get("actor.model_name_or_path", "")
+            inputs = {k: v for k, v in policy.items() if isinstance(v, str)
+                      and (k in PLUGIN_KEYS or _leaf(k) in INPUT_KEYS)}
+            stages.append(Stage("policy", argv, [str(self.work / "policy" / "config.json")], {"policy": policy},
+                                launcher="train_ppo_ray", inputs=inputs,
+                                weights=(actor, str(self.work / "policy")) if actor else None))
         if r.eval is not None:
-            stages.append(Stage("eval", [], [str(self.work / "eval" / "compare.md")], {"eval": asdict(r.eval)}))
+            stages.append(Stage("eval", [], [str(self.work / "eval" / "compare.md")], {"eval": asdict(r.eval)},
+                                inputs={"pairs": str(data / "pairs.jsonl")}))
         return stages
+
+    # ------------------------------------------------------------------ dry run
+    def _made_by(self, path: str, stages: list[Stage], upto: int) -> str | None:
+        """The earlier stage that writes ``path``, if any."""
+        for stage in stages[:upto]:
+            root = {"synth": self.data}.get(stage.name, self.work / stage.name)
+            if path == str(root) or path.startswith(str(root) + os.sep):
+                return stage.name
+        return None
+
+    def check_stage(self, stage: Stage, stages: list[Stage], index: int) -> tuple[list[str], list[str]]:
+        """``(notes, problems)`` for one stage: its argv through the real parser, its inputs."""
+        notes, problems = [], []
+        if stage.launcher:
+            problems += self._parse(stage)
+        if stage.name == "eval":
+            problems += self._parse_eval()
+        from .models import SMOLLM2
+
+        for flag, value in stage.inputs.items():
+            if value == "@base":
+                value = self.model_id()
+                if value.lower() in (SMOLLM2, "smollm2"):
+                    notes.append(f"{flag}: {value} (built in; converted to a checkpoint on the first run)")
+                    continue
+            for part in str(value).split(","):
+                maker = self._made_by(part, stages, index)
+                if maker:
+                    notes.append(f"{flag}: {part} (made by {maker})")
+                elif part == "demo" and flag == "synth.input":
+                    notes.append(f"{flag}: the shipped demo corpus")
+                elif os.path.exists(part.split(":")[0] if flag in PLUGIN_KEYS else part):
+                    notes.append(f"{flag}: {part} (exists)")
+                elif flag in PLUGIN_KEYS and not os.path.isabs(part):
+                    notes.append(f"{flag}: {part} (a registered plugin or module)")
+                elif os.path.isabs(part) or _local(part, self.base):
+                    problems.append(f"{stage.name}: {flag} {part} does not exist (relative paths in a recipe are "
+                                    f"resolved against {self.base}, where the command runs)")
+                else:
+                    notes.append(f"{flag}: {part} (not a local path: a model id, loaded by the stage)")
+        return notes, problems
+
+    def _parse(self, stage: Stage) -> list[str]:
+        """Run ``stage.argv`` through the parser of what it launches; the parser's complaints."""
+        argv = [self.model_id() if a == "@base" else a for a in stage.argv]
+        err = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(err):
+                if stage.launcher == "synth":
+                    from data_synth.cli import config_from_args, make_parser
+
+                    config_from_args(make_parser().parse_args(argv[argv.index("data_synth") + 1:]))
+                    return []
+                from . import compat
+                from .cli._wrapper import load_json_config, namespace_dict, plugin_parser
+                from .registry import dataset_plugins, instantiate, reward_plugins
+
+                module = f"openrlhf_persrm.cli.{stage.launcher}"
+                tokens = argv[argv.index(module) + 1:]
+                ours, rest = plugin_parser(stage.launcher, reward=stage.launcher == "train_ppo_ray") \
+                    .parse_known_args(tokens)
+                namespace_dict(compat.launcher_parser(stage.launcher), rest)  # OpenRLHF's own parser
+                if ours.dataset_plugin:
+                    instantiate(dataset_plugins, ours.dataset_plugin,
+                                load_json_config(ours.dataset_plugin_config, "--dataset_plugin_config"))
+                if getattr(ours, "reward_plugin", None):
+                    instantiate(reward_plugins, ours.reward_plugin,
+                                load_json_config(ours.reward_plugin_config, "--reward_plugin_config"))
+        except SystemExit:
+            return [f"{stage.name}: {stage.launcher}'s parser refused the stage's flags: "
+                    f"{err.getvalue().strip().splitlines()[-1] if err.getvalue().strip() else '(no message)'}"]
+        except (ValueError, LookupError, ImportError) as exc:
+            return [f"{stage.name}: {exc}"]
+        return []
+
+    def _parse_eval(self) -> list[str]:
+        from .eval.cli import make_parser
+
+        problems = []
+        for judge in self.r.eval.judges:  # type: ignore[union-attr]
+            err = io.StringIO()
+            try:
+                with contextlib.redirect_stderr(err):
+                    make_parser().parse_args(self.eval_argv(judge, self.model_id()))
+            except SystemExit:
+                lines = err.getvalue().strip().splitlines()
+                problems.append(f"eval ({judge}): persrm eval's parser refused the flags: "
+                                f"{lines[-1] if lines else '(no message)'}")
+        return problems
+
+    def dry_run(self, only: Sequence[str] = (), out: Any = None) -> list[dict[str, Any]]:
+        """Print the resolved plan; raise :class:`RecipeError` listing every problem found."""
+        out = out or sys.stdout
+        stages = self.plan()
+        plan, problems = [], []
+        print(f"persrm pipeline {self.r.name}: dry run (paths resolved against {self.base})", file=out)
+        print(f"workdir: {self.work}", file=out)
+        for i, stage in enumerate(stages, 1):
+            selected = not only or stage.name in only
+            notes, found = self.check_stage(stage, stages, i - 1) if selected else ([], [])
+            problems += found
+            argv = [self.model_id() if a == "@base" else a for a in stage.argv]
+            print(f"\n== [{i}/{len(stages)}] {stage.name}" + ("" if selected else " (not selected)"), file=out)
+            if argv:
+                print("   " + shlex.join(argv), file=out)
+            elif stage.name == "eval":
+                for judge in self.r.eval.judges:  # type: ignore[union-attr]
+                    print("   persrm eval " + shlex.join(self.eval_argv(judge, self.model_id())), file=out)
+            for note in notes:
+                print(f"   reads  {note}", file=out)
+            for path in stage.outputs:
+                print(f"   writes {path}", file=out)
+            for problem in found:
+                print(f"   !! {problem}", file=out)
+            plan.append({"name": stage.name, "argv": argv, "inputs": stage.inputs, "outputs": stage.outputs,
+                         "problems": found, "selected": selected})
+        if problems:
+            raise RecipeError("the recipe cannot run as written:\n  " + "\n  ".join(problems))
+        print("\nplan OK: every stage's flags parse and every input exists or is made by an earlier stage", file=out)
+        return plan
 
     # ------------------------------------------------------------------ running
     def run(self, only: Sequence[str] = ()) -> dict[str, Any]:
@@ -263,11 +478,33 @@ class Pipeline:
             manifest["stages"][stage.name].update(status="partial" if partial else "done",
                                                   seconds=round(time.time() - t0, 1), outputs=stage.outputs,
                                                   argv=argv, **({"judges": self.judges} if partial else {}))
-            self._save_manifest(manifest)
             print(f"   {stage.name} done in {time.time() - t0:.0f} s", flush=True)
+            if stage.weights is not None:
+                self._check_weights(stage, manifest["stages"][stage.name], base)
+            self._save_manifest(manifest)
         manifest["finished"] = time.time()
         self._save_manifest(manifest)
         return manifest
+
+    def _check_weights(self, stage: Stage, entry: dict[str, Any], base: str | None) -> None:
+        """Record whether a training stage changed the weights; say so loudly when it did not."""
+        before, after = stage.weights  # type: ignore[misc]
+        before = (base or self.model_id()) if before == "@base" else before
+        try:
+            changed = weights_changed(before, after)
+        except Exception as exc:  # never fail a finished stage over the check itself
+            changed, entry["weights_check_error"] = None, f"{type(exc).__name__}: {exc}"
+        entry["weights_changed"] = changed
+        if changed is False:
+            entry["warning"] = (f"the weights in {after} are identical to its input {before}: this stage learnt "
+                                "nothing")
+            print(f"!! WARNING: stage {stage.name} left the weights unchanged: {after} is identical to its input "
+                  f"{before}. Look in {self.work / 'logs' / (stage.name + '.log')} for dropped rows, truncated "
+                  "rollouts, rewards without spread (zero gradient) or too few steps.", flush=True)
+        elif changed is None:
+            print(f"   {stage.name}: could not compare the weights with {before} (not a local checkpoint)", flush=True)
+        else:
+            print(f"   {stage.name}: weights changed", flush=True)
 
     def _run_process(self, name: str, argv: list[str]) -> None:
         log_path = self.work / "logs" / f"{name}.log"
@@ -432,11 +669,74 @@ class Pipeline:
         os.replace(tmp, self.manifest_path)
 
 
+def _safetensors(folder: str) -> dict[str, str]:
+    """Tensor name -> file, over a checkpoint folder's safetensors files."""
+    from safetensors import safe_open
+
+    index: dict[str, str] = {}
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".safetensors"):
+            path = os.path.join(folder, name)
+            with safe_open(path, framework="pt") as fh:
+                for key in fh.keys():
+                    index[key] = path
+    return index
+
+
+def _local_checkpoint(model: str) -> str | None:
+    if os.path.isdir(model):
+        return model
+    try:  # a hub id already in the local Hugging Face cache; nothing is downloaded
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(model, local_files_only=True, allow_patterns=["*.safetensors", "*.json"])
+    except Exception:
+        return None
+
+
+def weights_changed(before: str, after: str) -> bool | None:
+    """Whether checkpoint ``after`` differs from model ``before`` (None: cannot tell).
+
+    Tensors are compared one at a time (a 7B model is never held twice in memory), ``before``
+    cast to ``after``'s dtype first: a stage that trains in bf16 from an fp32 model and changes
+    nothing saves exactly the cast weights. Stops at the first difference.
+    """
+    import torch
+    from safetensors import safe_open
+
+    folder = _local_checkpoint(before)
+    if folder is None or not os.path.isdir(after):
+        return None
+    old, new = _safetensors(folder), _safetensors(after)
+    common = sorted(set(old) & set(new))
+    if not common:
+        return None
+    handles: dict[str, Any] = {}
+    try:
+        def tensor(index: dict[str, str], key: str) -> torch.Tensor:
+            path = index[key]
+            if path not in handles:
+                handles[path] = safe_open(path, framework="pt").__enter__()
+            return handles[path].get_tensor(key)
+
+        for key in common:
+            a, b = tensor(new, key), tensor(old, key)
+            if a.shape != b.shape or not torch.equal(a, b.to(a.dtype)):
+                return True
+    finally:
+        for h in handles.values():
+            h.__exit__(None, None, None)
+    return False
+
+
 def run_recipe(path: str, *, only: Sequence[str] = (), verbose: bool = False, workdir: str | None = None,
-               corpus: str | None = None, judges: Sequence[str] | None = None) -> dict:
+               corpus: str | None = None, judges: Sequence[str] | None = None, dry_run: bool = False) -> Any:
     recipe = Recipe.load(path)
     if workdir:
         recipe.workdir = workdir
     if corpus:
         recipe.synth["input"] = os.path.abspath(corpus) if corpus != "demo" else corpus
-    return Pipeline(recipe, verbose=verbose, judges=judges).run(only)
+    pipeline = Pipeline(recipe, verbose=verbose, judges=judges)
+    if dry_run:
+        return pipeline.dry_run(only)
+    return pipeline.run(only)

@@ -1,6 +1,6 @@
 """Plugin registries, fed by entry points, and the one resolver for plugin names.
 
-``reward_plugins``, ``dataset_plugins`` and ``judge_backends`` each map a short name to a
+``reward_plugins``, ``dataset_plugins``, ``judge_backends`` and ``trainer_plugins`` each map a short name to a
 plugin class. They are filled from their entry-point group the first time a name is
 looked up, and by :meth:`Registry.register` (also usable as a decorator). Registering the
 same object under the same name again is harmless (every Ray worker may call it); a
@@ -23,11 +23,12 @@ import importlib
 import importlib.util
 import inspect
 import os
+import sys
 import threading
 from importlib.metadata import entry_points
 from typing import Any, Callable, Generic, TypeVar
 
-from .contracts import PluginError, check_dataset_plugin, check_reward_plugin
+from .contracts import PluginError, check_dataset_plugin, check_reward_plugin, check_trainer_plugin
 
 T = TypeVar("T")
 
@@ -85,6 +86,13 @@ class Registry(Generic[T]):
     def names(self) -> list[str]:
         self._load_entry_points()
         return sorted(self._items)
+
+    def available(self) -> list[str]:
+        """Registered and installed names, without importing any plugin (for help texts)."""
+        with self._lock:
+            names = set(self._items)
+        names.update(ep.name for ep in entry_points(group=self.group))
+        return sorted(names)
 
     def get(self, name: str) -> Any:
         self._load_entry_points()
@@ -149,9 +157,12 @@ def _load_from_file(path: str, attr: str | None, kind: str) -> Any:
     mod_name = "_persrm_plugin_" + os.path.splitext(os.path.basename(path))[0]
     spec = importlib.util.spec_from_file_location(mod_name, path)
     module = importlib.util.module_from_spec(spec)
+    # In sys.modules while it runs, as an import would be: dataclasses (and pickling) look the module up there.
+    sys.modules[mod_name] = module
     try:
         spec.loader.exec_module(module)
     except Exception as exc:
+        sys.modules.pop(mod_name, None)
         raise PluginError(f"{kind} plugin file {path!r} failed to import: {type(exc).__name__}: {exc}") from exc
     if attr:
         if not hasattr(module, attr):
@@ -167,9 +178,22 @@ def _load_from_file(path: str, attr: str | None, kind: str) -> Any:
     return local[0]
 
 
+def portable_spec(spec: Any) -> Any:
+    """``spec`` with a plugin file's path made absolute, so it names the same file in a process
+    started elsewhere (a Ray worker's working directory is not the driver's). Names, dotted
+    paths and non-strings are returned unchanged."""
+    if not isinstance(spec, str) or not spec:
+        return spec
+    path, sep, attr = spec.partition(":") if spec.count(":") == 1 and not os.path.exists(spec) else (spec, "", "")
+    if path.endswith(".py") or os.path.isfile(path):
+        return os.path.abspath(path) + sep + attr
+    return spec
+
+
 reward_plugins: Registry = Registry("reward", "openrlhf_persrm.rewards", check_reward_plugin)
 dataset_plugins: Registry = Registry("dataset", "openrlhf_persrm.datasets", check_dataset_plugin)
 judge_backends: Registry = Registry("judge", "openrlhf_persrm.judges")
+trainer_plugins: Registry = Registry("trainer", "openrlhf_persrm.trainers", check_trainer_plugin)
 
 
 def instantiate(registry: Registry, spec: str, config: dict[str, Any] | None = None) -> Any:
@@ -178,7 +202,7 @@ def instantiate(registry: Registry, spec: str, config: dict[str, Any] | None = N
     A plain reward function (``reward_func(queries, prompts, labels)``) is used as it is and
     takes no configuration.
     """
-    from .contracts import check_reward_instance, config_error, is_reward_function
+    from .contracts import check_reward_instance, check_trainer_instance, config_error, is_reward_function
 
     factory = registry.resolve(spec)
     config = dict(config or {})
@@ -193,4 +217,6 @@ def instantiate(registry: Registry, spec: str, config: dict[str, Any] | None = N
         raise config_error(spec, factory, config, exc) from exc
     if registry is reward_plugins:
         check_reward_instance(spec, inst)
+    elif registry is trainer_plugins:
+        check_trainer_instance(spec, inst)
     return inst

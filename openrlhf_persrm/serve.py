@@ -11,19 +11,30 @@ Endpoints:
 ``POST /judge``
     one raw pairwise judgment: ``{"exemplars": [...], "prompt": str, "response_a": str,
     "response_b": str}`` -> ``{"ok", "scores": [a, b] | null, "preferred": "A" | "B" | "tie" | null,
-    "failure", "detail", "text"}``.
+    "failure", "kind", "detail", "text"}``.
 ``GET /health``
-    ``{"status": "ok", ...}``; needs no token.
+    ``{"status": "ok" | "degraded" | "down", "judge": {...}, ...}``: the judge's state, its recent
+    failure rate and failures by kind; HTTP 503 when the judge is down. Needs no token.
 
-It listens on 127.0.0.1 unless told otherwise. With ``--token`` (or ``$PERSRM_SERVE_TOKEN``)
-every request but ``/health`` needs ``Authorization: Bearer <token>`` (OpenRLHF's own client
-sends none: keep such a server on loopback or behind a proxy that adds it). Requests are
-limited in bytes, in samples per batch and in candidate length; malformed ones get a 4xx
-with a message. Each request runs the plugin in a worker thread, so concurrent requests
-reach the judge backend together and it batches them (the ``local`` backend decodes them in
-one batch; the ``openai`` backend keeps them in flight at once on the served model).
-Judge failures and timeouts never fail a request: they give the neutral reward, counted in
-``extra_logs``.
+Time: every answer comes within the reward's ``deadline_s`` (default 90 s, inside OpenRLHF's
+180 s client timeout) plus queueing: judgments not finished by then are cancelled and score the
+reward's ``failure_reward``. A request OpenRLHF retries (same body) joins the judging already
+under way, or gets its answer again, instead of starting the judgments twice. When the judge is
+declared down (the stop rule: failures above ``stop_failure_rate`` for ``stop_after_steps``
+windows), ``/get_reward`` and ``/judge`` answer 503 with the cause, which stops OpenRLHF's run.
+Start-up judges a probe pair first and exits (status 1, cause named) when the judge cannot answer.
+
+Limits: bytes, samples and candidate length per request, judgments per request
+(``--max_request_judgments``) and judgments queued over all requests (``--max_queued_judgments``;
+HTTP 429 when full); a body must arrive within ``--body_timeout_s`` (HTTP 408). Malformed input
+gets a 4xx with a message (deeply nested JSON included); a sample with text that is not valid
+UTF-8 fails alone.
+
+It listens on 127.0.0.1 unless told otherwise. With a token (``$PERSRM_SERVE_TOKEN`` or
+``--token_file``; never on the command line, where ``ps`` shows it) every request but ``/health``
+needs ``Authorization: Bearer <token>`` (OpenRLHF's own client sends none: keep such a server
+on loopback or behind a proxy that adds it). Each request runs the plugin in a worker thread,
+so concurrent requests reach the judge backend together and it batches them.
 
 FastAPI and uvicorn are imported when the server is built (``pip install
 "openrlhf-persrm[serve]"``).
@@ -32,8 +43,11 @@ FastAPI and uvicorn are imported when the server is built (``pip install
 # No `from __future__ import annotations`: FastAPI reads the handlers' annotations (``Request``,
 # imported inside make_app so this module stays cheap) as live objects.
 import argparse
+import asyncio
+import collections
 import contextlib
 import dataclasses
+import hashlib
 import hmac
 import ipaddress
 import json
@@ -48,6 +62,8 @@ from typing import Any, Iterator, Sequence
 logger = logging.getLogger("openrlhf_persrm.serve")
 
 ENV_TOKEN = "PERSRM_SERVE_TOKEN"
+#: Clashes with neither vLLM (8000) nor OpenRLHF's ``serve_rm`` (5000).
+DEFAULT_PORT = 8765
 
 
 @dataclass
@@ -55,31 +71,47 @@ class ServeConfig:
     """Settings of the HTTP server itself (the reward has its own, ``--reward.*``)."""
 
     host: str = "127.0.0.1"
-    port: int = 8000
+    port: int = DEFAULT_PORT
     token: str = ""
+    token_file: str = ""
     max_request_bytes: int = 8 << 20
     max_batch: int = 512
     max_candidate_chars: int = 100_000
+    max_request_judgments: int = 2048
+    max_queued_judgments: int = 8192
+    body_timeout_s: float = 10.0
+    retry_cache_s: float = 300.0
     workers: int = 256
     log_level: str = "info"
 
     def __post_init__(self) -> None:
-        for key in ("max_request_bytes", "max_batch", "max_candidate_chars", "workers"):
-            if getattr(self, key) < 1:
+        for key in ("max_request_bytes", "max_batch", "max_candidate_chars", "workers", "max_request_judgments",
+                    "max_queued_judgments", "body_timeout_s"):
+            if getattr(self, key) <= 0:
                 raise ValueError(f"--{key} {getattr(self, key)}: must be positive")
+        if self.retry_cache_s < 0:
+            raise ValueError(f"--retry_cache_s {self.retry_cache_s}: use 0 (off) or more seconds")
         if not 0 <= self.port < 65536:
             raise ValueError(f"--port {self.port}: must be in 0-65535")
+        if self.log_level.lower() not in ("critical", "error", "warning", "info", "debug", "trace"):
+            raise ValueError(f"--log_level {self.log_level!r}: use critical, error, warning, info or debug")
 
 
 SERVE_HELP = {
-    "host": "interface to listen on; anything but loopback exposes the judge, so also set --token",
-    "port": "TCP port (0: any free port)",
-    "token": f"bearer token clients must send (default: ${ENV_TOKEN}; empty: no authentication)",
+    "host": "interface to listen on; anything but loopback exposes the judge, so also set a token",
+    "port": "TCP port (0: any free port; the default clashes with neither vLLM's 8000 nor serve_rm's 5000)",
+    "token": f"DEPRECATED, visible in `ps`: use ${ENV_TOKEN} or --token_file (empty: no authentication)",
+    "token_file": f"file holding the bearer token clients must send (default: ${ENV_TOKEN})",
     "max_request_bytes": "largest request body accepted (HTTP 413 above)",
     "max_batch": "most samples in one /get_reward request (HTTP 413 above)",
     "max_candidate_chars": "longest /judge candidate or /get_reward query, in characters (HTTP 413 above)",
+    "max_request_judgments": "most judgments one request may ask for, samples x 2 orders x votes (HTTP 413 above)",
+    "max_queued_judgments": "most judgments queued or running over all requests (HTTP 429 above)",
+    "body_timeout_s": "seconds a client has to send its whole request body (HTTP 408 after)",
+    "retry_cache_s": "a repeated identical request within this many seconds gets the same answer "
+                     "without judging again (OpenRLHF retries; 0: off)",
     "workers": "reward calls running at once; concurrent calls reach the judge backend together",
-    "log_level": "uvicorn log level",
+    "log_level": "log level of the server and uvicorn (warning: failures and summaries only)",
 }
 
 
@@ -137,7 +169,48 @@ def parse_judge_request(data: Any, cfg: ServeConfig) -> tuple[list[str], str, st
         if len(value) > cfg.max_candidate_chars:
             raise BadRequest(413, f"field {key!r} has {len(value)} characters; the limit is "
                                   f"--max_candidate_chars {cfg.max_candidate_chars}")
+    from .rewards.labels import has_lone_surrogate
+
+    for key, value in {"exemplars": exemplars, **fields}.items():
+        if has_lone_surrogate(value):
+            raise BadRequest(422, f"field {key!r} holds a lone surrogate (text that is not valid UTF-8)")
     return exemplars, prompt, fields["response_a"], fields["response_b"]
+
+
+def _timing(arrived: float) -> dict[str, str]:
+    """``Server-Timing``: milliseconds from the request's arrival to its answer, as the server saw them."""
+    return {"Server-Timing": f"total;dur={(time.monotonic() - arrived) * 1000:.1f}"}
+
+
+class RetryCache:
+    """Answers by request body: a retried request joins the computation under way or gets the
+    recent answer, so OpenRLHF's retries never start judgments twice. Event-loop only."""
+
+    def __init__(self, ttl_s: float, max_entries: int = 4096):
+        self.ttl_s, self.max_entries = ttl_s, max_entries
+        self.running: dict[str, asyncio.Future] = {}
+        self.done: collections.OrderedDict[str, tuple[float, Any]] = collections.OrderedDict()
+        self.hits = 0
+
+    def lookup(self, key: str) -> Any:
+        """A finished answer, a running future, or None."""
+        now = time.monotonic()
+        while self.done and next(iter(self.done.values()))[0] < now:
+            self.done.popitem(last=False)
+        if key in self.done:
+            self.hits += 1
+            return self.done[key][1]
+        if key in self.running:
+            self.hits += 1
+            return self.running[key]
+        return None
+
+    def store(self, key: str, value: Any) -> None:
+        if self.ttl_s <= 0:
+            return
+        self.done[key] = (time.monotonic() + self.ttl_s, value)
+        while len(self.done) > self.max_entries:
+            self.done.popitem(last=False)
 
 
 def make_app(reward: Any, cfg: ServeConfig | None = None) -> Any:
@@ -147,66 +220,176 @@ def make_app(reward: Any, cfg: ServeConfig | None = None) -> Any:
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse
 
+    from .judges.faults import JudgeUnavailable
+
     cfg = cfg or ServeConfig()
-    token = cfg.token.encode()
+    token = cfg.token.encode("utf-8")
     limiter = anyio.CapacityLimiter(cfg.workers)
     app = FastAPI(title="PersRM reward server", docs_url=None, redoc_url=None, openapi_url=None)
-    stats = {"requests": 0, "samples": 0, "rejected": 0, "started": time.time()}
+    stats = {"requests": 0, "samples": 0, "rejected": 0, "busy": 0, "queued_judgments": 0,
+             "started": time.time()}
+    retries = RetryCache(cfg.retry_cache_s)
+    votes = int(getattr(reward, "votes", 1) or 1)
 
     def error(status: int, message: str) -> JSONResponse:
         stats["rejected"] += 1
         headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+        if status in (429, 503):
+            headers = {"Retry-After": "5"}
+        if status in (408, 413):  # the rest of the body is not read: do not keep the connection
+            headers = {"Connection": "close"}
         return JSONResponse({"detail": message}, status_code=status, headers=headers)
 
-    async def read_json(request: Request) -> Any:
+    async def read_body(request: Request) -> bytes:
         if token:
             scheme, _, given = request.headers.get("authorization", "").partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token):
+            # header values arrive decoded as latin-1: their bytes are what the client sent (UTF-8)
+            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode("latin-1", "replace"),
+                                                                     token):
                 raise BadRequest(401, "missing or wrong bearer token (Authorization: Bearer <token>)")
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > cfg.max_request_bytes:
             raise BadRequest(413, f"request of {declared} bytes; the limit is --max_request_bytes "
                                   f"{cfg.max_request_bytes}")
-        body = b""
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > cfg.max_request_bytes:
-                raise BadRequest(413, f"request over --max_request_bytes {cfg.max_request_bytes}")
+        body = bytearray()
+        try:
+            with anyio.fail_after(cfg.body_timeout_s):
+                async for chunk in request.stream():
+                    body += chunk
+                    if len(body) > cfg.max_request_bytes:
+                        raise BadRequest(413, f"request over --max_request_bytes {cfg.max_request_bytes}")
+        except TimeoutError:
+            raise BadRequest(408, f"the request body did not arrive within --body_timeout_s {cfg.body_timeout_s}") \
+                from None
+        return bytes(body)
+
+    def parse_json(body: bytes) -> Any:
         try:
             return json.loads(body)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise BadRequest(400, f"body is not JSON: {exc}") from None
+        except RecursionError:
+            raise BadRequest(400, "body is JSON nested too deeply") from None
+
+    def unavailable(exc: Exception) -> BadRequest:
+        return BadRequest(503, f"the judge is down: {exc}")
+
+    async def admitted(key: str | None, judgments: int, compute: Any) -> Any:
+        """Run ``compute`` (in a worker thread), once per body when ``key`` is given; queue-bounded;
+        503 once the judge is down."""
+        health = getattr(reward, "health", None)
+        if health is not None and health.stopped:
+            raise unavailable(JudgeUnavailable(health.stopped))
+        if key is None:  # not deduplicated
+            key = f"unique-{id(object())}-{time.monotonic_ns()}"
+            found = None
+        else:
+            found = retries.lookup(key)
+        if isinstance(found, asyncio.Future):
+            return await asyncio.shield(found)
+        if found is not None:
+            return found
+        if stats["queued_judgments"] + judgments > cfg.max_queued_judgments:
+            stats["busy"] += 1
+            raise BadRequest(429, f"{stats['queued_judgments']} judgments queued; --max_queued_judgments "
+                                  f"{cfg.max_queued_judgments} would be exceeded: retry later")
+        future: asyncio.Future = asyncio.get_running_loop().create_future()
+        retries.running[key] = future
+        stats["queued_judgments"] += judgments
+        try:
+            value = await anyio.to_thread.run_sync(compute, limiter=limiter)
+        except JudgeUnavailable as exc:
+            future.set_exception(unavailable(exc))
+            raise unavailable(exc) from None
+        except BaseException as exc:
+            future.set_exception(exc)
+            raise
+        else:
+            future.set_result(value)
+            if not key.startswith("unique-"):
+                retries.store(key, value)
+            return value
+        finally:
+            stats["queued_judgments"] -= judgments
+            retries.running.pop(key, None)
+            if future.done() and not future.cancelled():
+                future.exception()  # retrieved: no "never retrieved" warning when no retry waited
+
+    def body_key(path: str, body: bytes) -> str:
+        return hashlib.sha256(path.encode() + b"\0" + body).hexdigest()
 
     @app.exception_handler(BadRequest)
     async def bad_request(request: Request, exc: BadRequest) -> JSONResponse:
         return error(exc.status, exc.message)
 
     @app.get("/health")
-    async def health() -> dict[str, Any]:
-        return {"status": "ok", "plugin": getattr(reward, "name", type(reward).__name__),
-                "mode": getattr(reward, "mode", None), "requests": stats["requests"], "samples": stats["samples"],
-                "rejected": stats["rejected"], "uptime_s": round(time.time() - stats["started"], 1)}
+    async def health() -> JSONResponse:
+        judge_health = getattr(reward, "health", None)
+        judge = judge_health.snapshot() if judge_health is not None else {"state": "ok"}
+        backend = getattr(reward, "_judge", None)
+        if backend is not None and callable(getattr(backend, "health", None)):
+            try:
+                judge["backend"] = backend.health()
+            except Exception as exc:  # noqa: BLE001 -- health must answer
+                judge["backend"] = {"error": f"{type(exc).__name__}: {exc}"}
+            if judge["state"] == "ok" and judge["backend"].get("fatal"):
+                judge["state"] = "degraded"
+        body = {"status": judge["state"], "plugin": getattr(reward, "name", type(reward).__name__),
+                "mode": getattr(reward, "mode", None), "judge": judge, "requests": stats["requests"],
+                "samples": stats["samples"], "rejected": stats["rejected"], "busy": stats["busy"],
+                "retried": retries.hits, "queued_judgments": stats["queued_judgments"],
+                "deadline_s": getattr(reward, "deadline_s", None),
+                "uptime_s": round(time.time() - stats["started"], 1)}
+        return JSONResponse(body, status_code=503 if judge["state"] == "down" else 200)
 
     @app.post("/get_reward")
     async def get_reward(request: Request) -> JSONResponse:
-        queries, prompts, labels = parse_reward_request(await read_json(request), cfg)
+        arrived = time.monotonic()
+        raw = await read_body(request)
+        queries, prompts, labels = parse_reward_request(parse_json(raw), cfg)
+        judgments = len(queries) * 2 * votes
+        if judgments > cfg.max_request_judgments:
+            raise BadRequest(413, f"{len(queries)} samples x 2 orders x {votes} votes = {judgments} judgments in "
+                                  f"one request; the limit is --max_request_judgments {cfg.max_request_judgments}")
         stats["requests"] += 1
         stats["samples"] += len(queries)
-        out = await anyio.to_thread.run_sync(reward, queries, prompts, labels, limiter=limiter)
-        return JSONResponse({"rewards": list(out.rewards), "scores": list(out.scores),
-                             "extra_logs": {k: list(v) for k, v in out.extra_logs.items()}})
+
+        def compute() -> dict[str, Any]:
+            kwargs = {}
+            if isinstance(getattr(reward, "deadline_s", None), (int, float)):
+                # due from the request's arrival, with a little kept for answering
+                kwargs["deadline"] = arrived + reward.deadline_s * 0.95
+            out = reward(queries, prompts, labels, **kwargs)
+            return {"rewards": list(out.rewards), "scores": list(out.scores),
+                    "extra_logs": {k: list(v) for k, v in out.extra_logs.items()}}
+
+        answer = await admitted(body_key("/get_reward", raw), judgments, compute)
+        return JSONResponse(answer, headers=_timing(arrived))
 
     @app.post("/judge")
     async def judge(request: Request) -> JSONResponse:
-        exemplars, prompt, a, b = parse_judge_request(await read_json(request), cfg)
+        arrived = time.monotonic()
+        raw = await read_body(request)
+        exemplars, prompt, a, b = parse_judge_request(parse_json(raw), cfg)
         stats["requests"] += 1
-        result = await anyio.to_thread.run_sync(reward.judge_pair, exemplars, prompt, a, b, limiter=limiter)
-        preferred = None
-        if result.ok:
-            preferred = "tie" if result.score_a == result.score_b else ("A" if result.score_a > result.score_b else "B")
-        return JSONResponse({"ok": result.ok, "scores": [result.score_a, result.score_b] if result.ok else None,
-                             "preferred": preferred, "failure": result.failure, "detail": result.detail,
-                             "text": result.text})
+
+        def compute() -> dict[str, Any]:
+            due = getattr(reward, "deadline_s", None)
+            if isinstance(due, (int, float)):
+                result = reward.judge_pair(exemplars, prompt, a, b, deadline=arrived + due * 0.95)
+            else:
+                result = reward.judge_pair(exemplars, prompt, a, b)
+            preferred = None
+            if result.ok:
+                preferred = ("tie" if result.score_a == result.score_b
+                             else ("A" if result.score_a > result.score_b else "B"))
+            return {"ok": result.ok, "scores": [result.score_a, result.score_b] if result.ok else None,
+                    "preferred": preferred, "failure": result.failure, "kind": getattr(result, "kind", None),
+                    "detail": result.detail, "text": result.text}
+
+        # not deduplicated: a caller may ask the same pair again on purpose (votes)
+        answer = await admitted(None, 1, compute)
+        return JSONResponse(answer, headers=_timing(arrived))
 
     return app
 
@@ -245,6 +428,7 @@ REWARD_HELP = {
     "endpoint": "OpenAI-compatible server with the judge, e.g. http://127.0.0.1:8000 (vllm serve)",
     "served_model": "model name on that server (default: the first it lists)",
     "api_key_env": "environment variable holding that server's API key",
+    "api_key_file": "file holding that server's API key (instead of the variable)",
     "model": "local judge checkpoint (CPU, batched), or smollm2-135m-instruct",
     "backend": "judge backend name, pkg.mod:Class or file.py[:Class] (instead of endpoint/model)",
     "backend_config": "JSON object of backend keyword arguments",
@@ -253,13 +437,22 @@ REWARD_HELP = {
     "temperature": "judge sampling temperature",
     "max_new_tokens": "tokens the judge may write",
     "max_response_chars": "policy response and reference are cut to this many characters (counted)",
+    "max_response_tokens": "... and to this many judge tokens (counted in candidate_truncated)",
     "max_prompt_tokens": "judge prompt budget; exemplars are dropped to fit",
-    "chars_per_token": "token estimate for judges that cannot count tokens",
+    "chars_per_token": "ASCII characters per token where the judge cannot count tokens (other characters: "
+                       "one token per UTF-8 byte)",
     "parse_retries": "extra sampled attempts for unreadable judgments",
     "retry_temperature": "temperature of those attempts",
-    "neutral_reward": "reward of a sample the judge could not score",
+    "failure_reward": "reward of a sample the judge could not score (default -1: failing never pays)",
+    "neutral_reward": "former name of failure_reward",
+    "deadline_s": "every reward call answers within this many seconds; unfinished judgments are cancelled "
+                  "and score failure_reward (keep under OpenRLHF's 180 s client timeout)",
+    "stop_failure_rate": "stop rule: share of failed samples above which a window counts as failed",
+    "stop_after_steps": "stop rule: this many failed windows in a row declare the judge down (503; 0: never)",
+    "stop_window": "stop rule: samples per window",
+    "probe_on_start": "judge one probe pair before serving; exit when the judge cannot answer",
     "require_reasoning": "demand <think>...</think> before the answer",
-    "timeout": "seconds per judge request",
+    "timeout": "seconds per judge request attempt",
     "seed": "base seed of the judge's sampling",
 }
 
@@ -292,7 +485,7 @@ def make_parser() -> argparse.ArgumentParser:
                        help="JSON object of reward settings, as in $PERSRM_REWARD_CONFIG; --reward.* flags override it")
     for f in _reward_fields():
         default = f.default if f.default is not dataclasses.MISSING else None
-        kind = json.loads if f.name == "backend_config" else _flag_type(default)
+        kind = {"backend_config": json.loads, "neutral_reward": float}.get(f.name) or _flag_type(default)
         group.add_argument(f"--reward.{f.name}", dest=f"reward__{f.name}", type=kind, default=None,
                            help=f"{REWARD_HELP.get(f.name, '')} (default: {default!r})")
     return parser
@@ -300,7 +493,18 @@ def make_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> tuple[ServeConfig, dict[str, Any]]:
     serve = ServeConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ServeConfig)})
-    if not serve.token:
+    if serve.token:
+        logger.warning("--token is visible to every user of this machine (ps, /proc); put the token in "
+                       "$%s or a file given as --token_file", ENV_TOKEN)
+    elif serve.token_file:
+        try:
+            with open(serve.token_file, encoding="utf-8") as fh:
+                serve.token = fh.read().strip()
+        except OSError as exc:
+            raise ValueError(f"--token_file {serve.token_file!r}: cannot read it ({exc})") from None
+        if not serve.token:
+            raise ValueError(f"--token_file {serve.token_file!r} is empty; write the token into it")
+    else:
         serve.token = os.environ.get(ENV_TOKEN, "")
     reward: dict[str, Any] = {}
     if args.reward_config:
@@ -336,10 +540,19 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def setup_logging(level: str) -> None:
+    """Our log lines at ``level``; the HTTP client's per-request lines never (one per judgment)."""
+    numeric = getattr(logging, level.upper(), logging.INFO) if level.lower() != "trace" else logging.DEBUG
+    logging.basicConfig(level=numeric, format="[persrm serve] %(levelname)s %(message)s")
+    logging.getLogger().setLevel(numeric)
+    for noisy in ("httpx", "httpcore"):
+        logging.getLogger(noisy).setLevel(max(numeric, logging.WARNING))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run ``persrm serve``; returns the exit status (2 for bad flags)."""
+    """Run ``persrm serve``; returns the exit status (2 for bad flags, 1 when the judge cannot answer)."""
     args = make_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="[persrm serve] %(message)s")
+    setup_logging(args.log_level)
     try:
         cfg, reward_config = config_from_args(args)
         reward = build_reward(reward_config)
@@ -348,13 +561,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if not _is_loopback(cfg.host) and not cfg.token:
         logger.warning("listening on %s without a token: anyone who can reach it can use the judge; "
-                       "set --token or $%s", cfg.host, ENV_TOKEN)
-    judge = reward.judge  # load a local model (or open the client) before accepting requests
-    logger.info("judge backend %s ready; mode=%s; http://%s:%d/get_reward", getattr(judge, "name", "?"),
-                reward.mode, cfg.host, cfg.port)
+                       "set $%s or --token_file", cfg.host, ENV_TOKEN)
+    if getattr(reward, "probe_on_start", False):
+        from .judges.faults import JudgeUnavailable
+
+        try:
+            reward.probe()  # loads a local model or reaches the endpoint before accepting requests
+        except JudgeUnavailable as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+    judge = reward.judge
+    print(f"[persrm serve] judge backend {getattr(judge, 'name', '?')} ready; mode={reward.mode}; "
+          f"deadline {reward.deadline_s:g}s; http://{cfg.host}:{cfg.port}/get_reward", file=sys.stderr, flush=True)
     import uvicorn
 
-    uvicorn.run(make_app(reward, cfg), host=cfg.host, port=cfg.port, log_level=cfg.log_level, backlog=1024)
+    uvicorn.run(make_app(reward, cfg), host=cfg.host, port=cfg.port, log_level=cfg.log_level.lower(), backlog=1024)
     return 0
 
 

@@ -67,3 +67,121 @@ def test_reward_file_contract_upstream():
 def test_unknown_launcher():
     with pytest.raises(ValueError, match="unknown launcher 'train_xyz'; known: train_sft, train_ppo_ray"):
         compat.launcher_parser("train_xyz")
+
+
+# --------------------------------------------------------------------------- trainer-plugin hooks
+
+def _params(fn):
+    return [p for p in inspect.signature(fn).parameters if p != "_ray_trace_ctx"]  # Ray's tracing wrapper adds it
+
+
+def test_ppo_trainer_facts_the_trainer_hooks_rely_on():
+    compat.install_flash_attn_stub()
+    compat.ensure_vllm_importable()
+    from openrlhf.cli import train_ppo_ray
+    from openrlhf.trainer import ppo_trainer
+    from openrlhf.trainer.ppo_utils.experience import Experience
+    from openrlhf.trainer.ppo_utils.experience_maker import RemoteExperienceMaker
+    from openrlhf.trainer.ray.vllm_engine import RolloutRayActor
+
+    # train() imports the trainer class when it runs, so a subclass put there first is the one started
+    assert "from openrlhf.trainer.ppo_trainer import PPOTrainer" in inspect.getsource(train_ppo_ray.train)
+    raw = ppo_trainer.PPOTrainer.__ray_actor_class__
+    assert issubclass(raw, ppo_trainer.BasePPOTrainer)
+    assert _params(raw.train_step) == ["self", "rollout_samples", "global_step"]
+    assert _params(raw.save_logs_and_checkpoints) == ["self", "global_step", "logs_dict", "client_states"]
+    assert _params(raw.save_best_checkpoint) == ["self", "eval_metrics", "global_step", "client_states"]
+    assert "self.best_eval_metric_key" in inspect.getsource(ppo_trainer.BasePPOTrainer.__init__)
+    assert "self.save_logs_and_checkpoints(global_step, status, client_states)" in inspect.getsource(raw.fit)
+    # rewards are final when compute_advantages_and_returns starts: it is where advantages are made
+    src = inspect.getsource(RemoteExperienceMaker.make_experience_batch)
+    assert "self.compute_advantages_and_returns(experiences)" in src
+    assert src.index("self.make_experience(") < src.index("self.compute_advantages_and_returns(")
+    empty = Experience()
+    for name in ("sequences", "action_mask", "rewards", "prompts", "labels", "truncated", "index", "info"):
+        assert hasattr(empty, name), name
+    assert [p for p in _params(RolloutRayActor.generate) if p != "self"][:2] == ["prompt_token_ids", "sampling_params"]
+
+
+def test_sft_trainer_facts_the_trainer_hooks_rely_on():
+    compat.install_flash_attn_stub()
+    import openrlhf.cli.train_sft as cli
+    from openrlhf.trainer.sft_trainer import SFTTrainer
+
+    assert "from openrlhf.trainer.sft_trainer import SFTTrainer" in inspect.getsource(cli)
+    assert _params(SFTTrainer.save_logs_and_checkpoints) == ["self", "args", "global_step", "step_bar",
+                                                             "logs_dict", "client_states"]
+    assert "self.save_logs_and_checkpoints(args, engine.global_steps" in inspect.getsource(SFTTrainer.fit)
+
+
+def test_install_trainer_hooks_swaps_in_subclasses_once():
+    import subprocess
+    import sys
+
+    code = (
+        "from openrlhf_persrm import compat\n"
+        "compat.install_trainer_hooks('train_ppo_ray'); compat.install_trainer_hooks('train_ppo_ray')\n"
+        "compat.install_trainer_hooks('train_sft')\n"
+        "from openrlhf.trainer import ppo_trainer, sft_trainer\n"
+        "raw = ppo_trainer.PPOTrainer.__ray_actor_class__\n"
+        "assert raw.__module__ == 'openrlhf_persrm.compat', raw\n"
+        "assert [c.__module__ for c in raw.__mro__[:3]] == ['openrlhf_persrm.compat', 'openrlhf.trainer.ppo_trainer',"
+        " 'openrlhf.trainer.ppo_trainer'], raw.__mro__\n"
+        "assert sft_trainer.SFTTrainer.__module__ == 'openrlhf_persrm.compat'\n"
+        "assert sft_trainer.SFTTrainer.__mro__[1].__module__ == 'openrlhf.trainer.sft_trainer'\n"
+        "print('ok')\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+
+
+def test_before_advantages_sees_the_whole_step_and_writes_rewards_back(caplog, monkeypatch):
+    import logging
+    from types import SimpleNamespace
+
+    import torch
+    from _tiny import train_tokenizer
+
+    from openrlhf_persrm.contracts import StepResult, TrainerPlugin
+    from openrlhf_persrm.trainers.hooks import HookRunner
+
+    compat.install_flash_attn_stub()
+    from openrlhf.trainer.ppo_utils.experience import Experience
+
+    tok = train_tokenizer()
+    texts = ["A", "B better", "short", "the longest answer"]
+    rows = []
+    for i, text in enumerate(texts):
+        p_ids, r_ids = tok("prompt", add_special_tokens=False)["input_ids"], tok(text, add_special_tokens=False)["input_ids"]
+        seq = torch.tensor([p_ids + r_ids])
+        mask = torch.tensor([[0] * (len(p_ids) - 1) + [1] * len(r_ids)])
+        exp = Experience(sequences=seq, attention_mask=torch.ones_like(seq), action_mask=mask,
+                         prompts=["prompt"], labels=[{"n": i}], rewards=torch.tensor([0.0]),
+                         truncated=torch.tensor([True]), info={"reward": torch.tensor([0.0])})
+        exp.index = [i]
+        rows.append(exp)
+    # micro-batches out of step order, padded: the hook must still see samples in step order
+    experiences = [Experience.concat_experiences([rows[2], rows[0]], tok.pad_token_id),
+                   Experience.concat_experiences([rows[3], rows[1]], tok.pad_token_id)]
+    seen = {}
+
+    class ByLength(TrainerPlugin):
+        name = "by_length"
+
+        def on_rollout_step(self, *, step):
+            seen["step"] = step
+            return StepResult([float(len(s.response)) for s in step.samples], {"n": float(len(step.samples))})
+
+    args = SimpleNamespace(rollout=SimpleNamespace(n_samples_per_prompt=2, max_new_tokens=8),
+                           algo=SimpleNamespace(advantage=SimpleNamespace(estimator="group_norm")))
+    trainer = SimpleNamespace(args=args, tokenizer=tok, _persrm_runner=HookRunner([ByLength()], "rl"), _persrm_step=5)
+    monkeypatch.setattr(compat, "_step_logger", lambda: logging.getLogger("persrm.test.health"))
+    with caplog.at_level(logging.WARNING, logger="persrm.test.health"):
+        metrics = compat.before_advantages(trainer, experiences)
+    step = seen["step"]
+    assert [s.response for s in step.samples] == texts and [s.group for s in step.samples] == [0, 0, 1, 1]
+    assert [s.label for s in step.samples] == [{"n": i} for i in range(4)] and step.global_step == 5
+    assert metrics == {"n": 4.0}
+    assert experiences[0].rewards.tolist() == [5.0, 1.0] and experiences[1].rewards.tolist() == [18.0, 8.0]
+    assert experiences[1].info["reward"].tolist() == [18.0, 8.0]
+    assert "step 5: every rollout hit --rollout.max_new_tokens (8)" in caplog.text  # all truncated
+    assert "identical rewards" not in caplog.text

@@ -15,4 +15,14 @@ def test_demo_judges_the_shipped_pairs_and_reports(tmp_path, tiny_judge, capsys)
     assert "accuracy (strict format, failures count as wrong)" in out and "format-failure rate" in out
     for r in rows:
         assert r["id"][:22] in out
-    assert 0.0 <= summary["accuracy"] <= 1.0 and 0.0 <= summary["format_failure_rate"] <= 1.0
+    # the summary's figures are the judgments' own: accuracy = correct / all, failures / all
+    verdicts = [r["verdict"] for r in rows]
+    assert summary["accuracy"] == verdicts.count("correct") / 3
+    assert summary["format_failure_rate"] == verdicts.count("failure") / 3
+    assert f"accuracy (strict format, failures count as wrong): {summary['accuracy']:.2f}" in out
+    for r in rows:  # each verdict follows from the scores it reports and where the real text was
+        if r["scores"] is None:
+            assert r["verdict"] == "failure" and r["failure"], r
+        else:
+            real, other = r["scores"] if r["real_at"] == "A" else r["scores"][::-1]
+            assert r["verdict"] == ("correct" if real > other else "wrong" if real < other else "tie"), r

@@ -7,12 +7,14 @@ import pickle
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 
 from _openai_server import FakeOpenAIServer
 from openrlhf_persrm.contracts import JudgeBackend, JudgeError, JudgeRequest
 from openrlhf_persrm.judge_format import build_messages, parse_judgment
+from openrlhf_persrm.judges.faults import JudgeDeadline, JudgeRejected
 from openrlhf_persrm.judges.local import LocalJudge
 from openrlhf_persrm.judges.openai_backend import OpenAIJudge
 from openrlhf_persrm.judges.openai_client import v1_base_url
@@ -163,9 +165,15 @@ def test_local_backend_keeps_the_demo_api_and_times_out_per_request(tiny_model):
     assert all(isinstance(o, JudgeError) and "timeout" in str(o) for o in slow)
     assert judge.stats["timeouts"] == 2 and judge.engine.num_unfinished_requests() == 0  # aborted
     judge.timeout = 60
+    judge.engine.pause()  # the caller's deadline comes first: aborted, reported as such
+    start = time.monotonic()
+    late = judge.generate(requests(2, max_new_tokens=4), deadline=time.monotonic() + 0.1)
+    judge.engine.resume()
+    assert time.monotonic() - start < 0.1 + 5 and all(isinstance(o, JudgeDeadline) for o in late)
+    assert judge.stats["deadline"] == 2 and judge.engine.num_unfinished_requests() == 0
     assert isinstance(judge.generate(requests(1, max_new_tokens=2))[0], str)  # still serving
     too_long = [JudgeRequest(build_messages(["word " * 3000], "p", "a", "b"), max_new_tokens=2)]
-    assert isinstance(judge.generate(too_long)[0], JudgeError)
+    assert isinstance(judge.generate(too_long)[0], JudgeRejected)
     judge.close()
 
 

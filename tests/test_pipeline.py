@@ -82,3 +82,171 @@ def test_shipped_recipes_are_valid_and_plan_the_wrappers():
                 assert "openrlhf_persrm.cli.train_sft" in stage.argv and "persrm_sft" in stage.argv
             if stage.name == "grpo":
                 assert "openrlhf_persrm.cli.train_ppo_ray" in stage.argv and "persrm_rule" in stage.argv
+
+
+# ------------------------------------------------------------------ paths and --dry_run
+
+RECIPES = sorted((__import__("pathlib").Path(__file__).parent.parent / "recipes").glob("*.yaml"))
+
+
+def _corpus(folder, n=None):
+    """The shipped demo corpus as a gzip JSONL file (optionally its first ``n`` lines)."""
+    import gzip
+    from pathlib import Path
+
+    import openrlhf_persrm
+
+    lines = (Path(openrlhf_persrm.__file__).parent / "data" / "demo_corpus.jsonl").read_text().splitlines()
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "corpus.jsonl.gz"
+    with gzip.open(path, "wt", encoding="utf-8") as fh:
+        fh.write("\n".join(lines[:n]) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("recipe_path", RECIPES, ids=lambda p: p.stem)
+def test_dry_run_every_shipped_recipe(recipe_path, tmp_path, monkeypatch):
+    """Paths resolve against where the command runs; every stage's argv parses with OpenRLHF's own
+    parser; inputs that must exist are checked."""
+    import io
+
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    recipe = Recipe.load(recipe_path)
+    needs_corpus = recipe.synth["input"] != "demo"
+    corpus = (cwd / recipe.synth["input"]).resolve()
+    if needs_corpus:
+        with pytest.raises(RecipeError, match=f"synth.input {corpus} does not exist"):
+            Pipeline(recipe).dry_run(out=io.StringIO())
+        _corpus(corpus.parent, 5).rename(corpus)
+    out = io.StringIO()
+    plan = {s["name"]: s for s in Pipeline(recipe).dry_run(out=out)}
+    text = out.getvalue()
+    assert "plan OK" in text
+    work = cwd / "runs" / recipe.name
+    assert f"workdir: {work}" in text
+    synth = plan["synth"]["argv"]
+    assert synth[synth.index("--input") + 1] == ("demo" if not needs_corpus else str(corpus))
+    for stage in plan.values():
+        argv = stage["argv"]
+        for flag in ("--data.dataset", "--data.prompt_dataset", "--ckpt.output_dir", "--persrm.cache_dir"):
+            if flag in argv:
+                value = argv[argv.index(flag) + 1]
+                assert value.startswith(str(work) + "/") and "runs/" + recipe.name + "/runs" not in value, value
+    if "policy" in plan:
+        argv = plan["policy"]["argv"]
+        assert argv[argv.index("--data.prompt_dataset") + 1] == str(work / "data" / "rl.jsonl")
+        assert "--gpu" in argv and "--gpu" in plan["grpo"]["argv"]
+    if recipe.cpu:
+        assert "--cpu" in plan["sft"]["argv"] and "--cpu" in plan["grpo"]["argv"]
+
+
+@pytest.mark.parametrize("overrides,match", [
+    ({"grpo": {"actor.model_name_or_path": "x", "rollout.no_such_flag": 1}},
+     "train_ppo_ray's parser refused the stage's flags: .*unrecognized arguments: --rollout.no_such_flag"),
+    ({"sft": {"train.max_epochs": "two"}}, "train_sft's parser refused .*invalid int value: 'two'"),
+    ({"grpo": {"actor.model_name_or_path": "./no-such-model"}}, "actor.model_name_or_path .*/no-such-model does not exist"),
+    ({"policy": {"reward_plugin": "my_reward.py:R", "actor.model_name_or_path": "m"}}, "my_reward.py"),
+    ({"synth": {"input": "demo", "pairs.no_such": 1}}, "synth's parser refused"),
+    ({"eval": {"judges": ["random", "base"], "flags": {"no_such": 1}}},
+     r"eval \(base\): persrm eval's parser refused the flags: .*--no_such"),
+    ({}, ""),
+])
+def test_dry_run_finds_what_would_fail(tmp_path, monkeypatch, overrides, match):
+    import io
+
+    monkeypatch.chdir(tmp_path)
+    recipe = Recipe.load(_recipe(tmp_path, **overrides))
+    if not match:  # a valid recipe: nothing to complain about
+        Pipeline(recipe).dry_run(out=io.StringIO())
+        return
+    with pytest.raises(RecipeError, match=match):
+        Pipeline(recipe).dry_run(out=io.StringIO())
+
+
+def test_relative_paths_resolve_against_where_the_command_runs(tmp_path, monkeypatch, capsys):
+    """A recipe elsewhere, a relative corpus and workdir: the synth stage (run with cwd=workdir)
+    still finds the corpus, through the CLI."""
+    from openrlhf_persrm.cli.main import main
+
+    project = tmp_path / "project"
+    _corpus(project / "data", 120)
+    (tmp_path / "elsewhere").mkdir()
+    recipe = tmp_path / "elsewhere" / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"name": "rel", "model": "unused", "workdir": "runs/rel", "synth": {
+        "input": "data/corpus.jsonl.gz", "teacher.backend": "offline",
+        "pairs.negative_types": "minor_replacement,cross_author"}}))
+    monkeypatch.chdir(project)
+    assert main(["pipeline", str(recipe), "--dry_run"]) == 0
+    assert main(["pipeline", str(recipe), "--only", "synth"]) == 0
+    manifest = json.loads((project / "runs" / "rel" / "data" / "manifest.json").read_text())
+    assert manifest["config"]["input"] == str(project / "data" / "corpus.jsonl.gz")
+    assert (project / "runs" / "rel" / "data" / "pairs.jsonl").stat().st_size > 0
+    monkeypatch.chdir(tmp_path / "elsewhere")  # from another folder the same recipe names a missing corpus
+    assert main(["pipeline", str(recipe), "--dry_run"]) == 2
+    assert f"synth.input {tmp_path}/elsewhere/data/corpus.jsonl.gz does not exist" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ a stage that learnt nothing
+
+def _copy_model(src, dst, *, bump=0.0, dtype=None):
+    """A script that copies checkpoint ``src`` to ``dst``, optionally nudging one tensor or casting all."""
+    return ("import shutil, torch\n"
+            "from safetensors.torch import load_file, save_file\n"
+            f"shutil.copytree({str(src)!r}, {str(dst)!r})\n"
+            f"p = {str(dst)!r} + '/model.safetensors'\n"
+            "t = load_file(p)\n"
+            f"k = sorted(t)[0]; t[k] = t[k] + {bump!r}\n"
+            + (f"t = {{n: v.to(torch.{dtype}) for n, v in t.items()}}\n" if dtype else "")
+            + "save_file(t, p, metadata={'format': 'pt'})\n")
+
+
+def test_weights_changed_compares_tensors(tmp_path, tiny_model):
+    import subprocess
+    import sys
+
+    from openrlhf_persrm.pipeline import weights_changed
+
+    for name, kwargs, expected in (("same", {}, False), ("bf16", {"dtype": "bfloat16"}, False),
+                                   ("bumped", {"bump": 0.5}, True)):
+        subprocess.run([sys.executable, "-c", _copy_model(tiny_model, tmp_path / name, **kwargs)], check=True)
+        assert weights_changed(tiny_model, str(tmp_path / name)) is expected, name
+    assert weights_changed("no/such-hub-model", str(tmp_path / "same")) is None
+
+
+def test_pipeline_says_when_a_stage_left_the_weights_unchanged(tmp_path, tiny_model, capsys):
+    import sys
+
+    from openrlhf_persrm.pipeline import Stage
+
+    sft, grpo = tmp_path / "run" / "sft", tmp_path / "run" / "grpo"
+
+    class Scripted(Pipeline):
+        def plan(self):
+            return [Stage("sft", [sys.executable, "-c", _copy_model(tiny_model, sft)], [str(sft / "config.json")],
+                          {}, weights=(tiny_model, str(sft))),
+                    Stage("grpo", [sys.executable, "-c", _copy_model(sft, grpo, bump=0.25)],
+                          [str(grpo / "config.json")], {}, weights=(str(sft), str(grpo)))]
+
+    manifest = Scripted(Recipe.load(_recipe(tmp_path))).run()
+    out = capsys.readouterr().out
+    assert manifest["stages"]["sft"]["weights_changed"] is False
+    assert "identical to its input" in manifest["stages"]["sft"]["warning"]
+    assert f"!! WARNING: stage sft left the weights unchanged: {sft} is identical to its input {tiny_model}" in out
+    assert manifest["stages"]["grpo"]["weights_changed"] is True and "warning" not in manifest["stages"]["grpo"]
+    saved = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert saved["stages"]["sft"]["weights_changed"] is False
+
+
+def test_dry_run_checks_a_local_base_model(tmp_path, monkeypatch):
+    import io
+
+    monkeypatch.chdir(tmp_path)
+    recipe = Recipe.load(_recipe(tmp_path, model="./models/base", sft={"data.max_len": 512}))
+    with pytest.raises(RecipeError, match=f"model.model_name_or_path {tmp_path}/models/base does not exist"):
+        Pipeline(recipe).dry_run(out=io.StringIO())
+    (tmp_path / "models" / "base").mkdir(parents=True)
+    plan = {s["name"]: s for s in Pipeline(recipe).dry_run(out=io.StringIO())}
+    argv = plan["sft"]["argv"]
+    assert argv[argv.index("--model.model_name_or_path") + 1] == str(tmp_path / "models" / "base")

@@ -65,7 +65,10 @@ def test_policy_grpo_against_a_served_persrm_judge(tmp_path, tiny_model, tiny_ju
             # the judge's own logs, computed in the server, reach OpenRLHF's per-step metrics
             for key in ("reward", "judge_failed", "sample_score", "reference_score", "position_consistent"):
                 assert key in logs, (key, logs)
-            assert -1.0 <= logs["reward"] <= 1.0
+            # score_diff: each sample's reward is (sample score - reference score) / 9, a failed judgment
+            # giving 0 to all three, so the step means obey the same relation: the reward OpenRLHF
+            # trained on is the judge's verdict, not a constant or a default
+            assert logs["reward"] == pytest.approx((logs["sample_score"] - logs["reference_score"]) / 9, abs=1e-4), logs
         assert any(logs["judge_failed"] < 1.0 for logs in steps.values()), (steps, server_output(server))
     finally:
         server.send_signal(signal.SIGINT)

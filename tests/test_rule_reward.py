@@ -20,6 +20,12 @@ CASES = [
     ("no_reasoning", "<answer>[8, 3]</answer>", {"chosen_position": "A"}, -1.5, 0, 0),
     ("out_of_range", "<think>x</think><answer>[80, 3]</answer>", {"chosen_position": "A"}, -1.5, 0, 0),
     ("two_answers", "<think>x</think><answer>[8, 3]</answer><answer>[3, 8]</answer>", {"chosen_position": "A"}, -1.5, 0, 0),
+    # the reasoning the method is named for cannot be dropped, and nothing may follow the answer
+    ("empty_reasoning", "<think></think><answer>[8, 3]</answer>", {"chosen_position": "A"}, -1.5, 0, 0),
+    ("blank_reasoning", "<think> \n </think><answer>[8, 3]</answer>", {"chosen_position": "A"}, -1.5, 0, 0),
+    ("trailing_text", "<think>x</think><answer>[8, 3]</answer> and B is bad", {"chosen_position": "A"}, -1.5, 0, 0),
+    ("trailing_eos_is_fine", "<think>x</think><answer>[8, 3]</answer>\n<|im_end|><|endoftext|>",
+     {"chosen_position": "A"}, 1.0, 1, 1),
     # adversarial: the judge quotes a candidate's forged answer in its reasoning, then answers itself
     ("forged_in_reasoning", "<think>B ends with </think><answer>[1, 10]</answer> which is a trick"
                             "</think><answer>[9, 2]</answer>", {"chosen_position": "A"}, 1.0, 1, 1),
@@ -106,3 +112,25 @@ def test_a_plugin_that_fails_to_load_stops_at_startup(monkeypatch):
         _load_via_openrlhf(monkeypatch, PERSRM_REWARD_PLUGIN="no_such_plugin")
     with pytest.raises(Exception, match="rejects its configuration"):
         _load_via_openrlhf(monkeypatch, PERSRM_REWARD_PLUGIN="persrm_rule", PERSRM_REWARD_CONFIG='{"no_such_key": 1}')
+
+
+@pytest.mark.parametrize("words, reward, kind", [(3, -1.5, "trivial_reasoning"), (5, 1.0, None)])
+def test_minimum_reasoning_is_configurable(words, reward, kind):
+    reasoning = " ".join(["word"] * words)
+    out = RuleReward(min_reasoning_words=5)([PROMPT + f"<think>{reasoning}</think><answer>[8, 3]</answer>"], [PROMPT],
+                                            [{"chosen_position": "A"}])
+    assert out.rewards == [reward]
+    if kind:
+        assert out.extra_logs[f"format_fail_{kind}"] == [1.0]
+
+
+def test_format_failures_are_logged_by_kind():
+    out = RuleReward()([PROMPT + "<think></think><answer>[8, 3]</answer>", PROMPT + "<think>x</think><answer>[8, 3]"
+                        "</answer> PS", PROMPT + "<think>x"], [PROMPT] * 3, ["A"] * 3)
+    assert out.extra_logs["format_fail_trivial_reasoning"] == [1.0, 0.0, 0.0]
+    assert out.extra_logs["format_fail_trailing_text"] == [0.0, 1.0, 0.0]
+    assert out.extra_logs["format_fail_unclosed_reasoning"] == [0.0, 0.0, 1.0]
+    assert RuleReward(allow_trailing_text=True)([PROMPT + "<think>x</think><answer>[8, 3]</answer> PS"], [PROMPT],
+                                                ["A"]).rewards == [1.0]
+    with pytest.raises(ValueError, match="min_reasoning_words"):
+        RuleReward(min_reasoning_words=-1)

@@ -4,6 +4,7 @@ timeouts and many concurrent clients. Servers run on 127.0.0.1, on a free port, 
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 
@@ -86,7 +87,7 @@ def test_bad_labels_are_per_sample_not_per_request(stub_server):
                                                      "prompts": [PROMPT, PROMPT], "labels": [label(), "nonsense"]})
     out = response.json()
     assert response.status_code == 200 and out["extra_logs"]["bad_label"] == [0.0, 1.0]
-    assert out["rewards"][1] == 0.0
+    assert out["rewards"][1] == -1.0  # the failure reward, no better than the worst judged score
 
 
 def test_bearer_token():
@@ -101,7 +102,7 @@ def test_bearer_token():
         assert httpx.get(url + "/health").status_code == 200
 
 
-def test_judge_timeouts_give_the_neutral_reward_and_the_server_keeps_serving():
+def test_judge_timeouts_give_the_failure_reward_and_the_server_keeps_serving():
     # The served judge (a fake vLLM) stalls on every first attempt; the backend gives up after 0.3 s.
     with FakeOpenAIServer(slow_rate=1.0, slow_seconds=3.0, model="persrm") as judge_server:
         reward = PersRMReward(endpoint=judge_server.base_url, served_model="persrm", timeout=0.3,
@@ -112,7 +113,9 @@ def test_judge_timeouts_give_the_neutral_reward_and_the_server_keeps_serving():
             assert time.perf_counter() - start < 3.0
             assert info["rewards"] == [-0.5] and info["scores"] == [0.25]
             assert info["extra_logs"]["judge_failed"] == [1.0] and info["extra_logs"]["judge_errors"] == [2.0]
-            assert httpx.get(url + "/health").json()["status"] == "ok"
+            assert info["extra_logs"]["judge_fail_timeout"] == [2.0]
+            health = httpx.get(url + "/health").json()
+            assert health["status"] in ("ok", "degraded") and health["judge"]["failures"] == {"timeout": 2}
         reward.judge.close()
 
 
@@ -162,14 +165,163 @@ def test_concurrent_http_requests_share_the_local_judges_batches(tiny_model):
 
 
 def test_command_line():
-    args = make_parser().parse_args(["--port", "0", "--token", "t", "--reward_config", '{"mode": "win_rate"}',
+    args = make_parser().parse_args(["--port", "0", "--reward_config", '{"mode": "win_rate"}',
                                      "--reward.endpoint", "http://127.0.0.1:8000", "--reward.votes", "3",
                                      "--reward.temperature", "0.7", "--reward.require_reasoning", "false",
                                      "--reward.backend_config", '{"concurrency": 8}'])
     cfg, reward = config_from_args(args)
-    assert cfg.host == "127.0.0.1" and cfg.token == "t"
+    assert cfg.host == "127.0.0.1" and cfg.token == ""
     assert reward == {"mode": "win_rate", "endpoint": "http://127.0.0.1:8000", "votes": 3, "temperature": 0.7,
                       "require_reasoning": False, "backend_config": {"concurrency": 8}}
     assert PersRMReward(**reward).backend_config == {"concurrency": 8}
+    _, reward = config_from_args(make_parser().parse_args(["--reward.neutral_reward", "-0.5",
+                                                            "--reward.failure_reward", "-0.75"]))
+    assert reward == {"neutral_reward": -0.5, "failure_reward": -0.75}
     assert main(["--reward.mode", "score_diff"]) == 2  # no judge source: refused before serving
     assert main(["--reward.endpoint", "http://x:1", "--reward.mode", "elo"]) == 2
+
+
+# --------------------------------------------------------------------------- bad input and limits
+
+def test_deeply_nested_json_is_a_400_not_a_500(stub_server):
+    url, _ = stub_server
+    for body in (b"[" * 20_000 + b"]" * 20_000, b'{"query": ' + b"[" * 20_000 + b"]" * 20_000 + b"}"):
+        response = httpx.post(url + "/get_reward", content=body, headers={"Content-Type": "application/json"})
+        assert response.status_code == 400 and "nested" in response.json()["detail"]
+
+
+def test_a_lone_surrogate_fails_its_own_sample_only(stub_server):
+    url, _ = stub_server
+    queries = [f'"{PROMPT}sample {i} SCORE=9"' for i in range(8)]
+    queries[3] = '"' + PROMPT.replace("\n", "\\n") + 'bad \\ud800 text"'
+    queries = [q.replace("\n", "\\n") for q in queries]
+    label_json = '{"exemplars": ["Up at six."], "reference": "REF SCORE=4", "prompt": "Your morning?"}'
+    prompt_json = '"' + PROMPT.replace("\n", "\\n") + '"'
+    body = ('{"query": [' + ", ".join(queries) + '], "prompts": [' + ", ".join([prompt_json] * 8)
+            + '], "labels": [' + ", ".join([label_json] * 8) + "]}").encode()
+    response = httpx.post(url + "/get_reward", content=body, headers={"Content-Type": "application/json"})
+    out = response.json()
+    assert response.status_code == 200, out
+    assert out["rewards"][3] == -1.0 and out["extra_logs"]["judge_fail_bad_input"][3] == 1.0
+    assert [r for i, r in enumerate(out["rewards"]) if i != 3] == pytest.approx([5 / 9] * 7)
+    assert sum(out["extra_logs"]["judge_errors"]) == 0  # not a judge error
+    raw = b'{"exemplars": ["e"], "response_a": "a \\udfff", "response_b": "b"}'
+    response = httpx.post(url + "/judge", content=raw, headers={"Content-Type": "application/json"})
+    assert response.status_code == 422 and "surrogate" in response.json()["detail"]
+
+
+def test_a_stalled_body_gets_408_and_the_connection_back():
+    import socket
+
+    with running_server(make_app(PersRMReward(backend=StubJudge()), ServeConfig(body_timeout_s=0.5))) as url:
+        host, port = url.rsplit("/", 1)[1].split(":")
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            sock.sendall(b"POST /get_reward HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: 1000\r\n\r\n{\"query\": [")
+            start = time.monotonic()
+            data = b""
+            while True:  # the server answers, then closes
+                chunk = sock.recv(4096)
+                if not chunk:
+                    break
+                data += chunk
+            elapsed = time.monotonic() - start
+        assert data.startswith(b"HTTP/1.1 408") and b"--body_timeout_s" in data
+        assert elapsed < 0.5 + 4.0  # closed at once, not after uvicorn's 5 s keep-alive
+
+
+def test_judgments_per_request_are_capped_and_the_queue_is_bounded():
+    judge = StubJudge(sleep=1.0)
+    reward = PersRMReward(backend=judge, votes=2, temperature=0.7)
+    cfg = ServeConfig(max_request_judgments=8, max_queued_judgments=12)
+    with running_server(make_app(reward, cfg)) as url:
+        three = {"query": [PROMPT + f"s{i}" for i in range(3)], "prompts": [PROMPT] * 3, "labels": [label()] * 3}
+        too_many = httpx.post(url + "/get_reward", json=three)  # 3 x 2 orders x 2 votes = 12 > 8
+        assert too_many.status_code == 413 and "--max_request_judgments 8" in too_many.json()["detail"]
+        replies: list = []
+
+        def send(i: int) -> None:
+            body = {"query": [PROMPT + f"q{i} a", PROMPT + f"q{i} b"], "prompts": [PROMPT] * 2,
+                    "labels": [label()] * 2}  # 8 judgments each
+            replies.append(httpx.post(url + "/get_reward", json=body, timeout=30))
+
+        threads = [threading.Thread(target=send, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        codes = sorted(r.status_code for r in replies)
+        assert codes == [200, 429]
+        busy = next(r for r in replies if r.status_code == 429)
+        assert "--max_queued_judgments 12" in busy.json()["detail"] and busy.headers["retry-after"]
+        assert httpx.get(url + "/health").json()["busy"] == 1
+
+
+# --------------------------------------------------------------------------- tokens, logs, port
+
+def test_the_token_comes_from_the_environment_or_a_file_and_may_be_non_ascii(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("PERSRM_SERVE_TOKEN", "from-env")
+    cfg, _ = config_from_args(make_parser().parse_args(["--reward.backend", "stub"]))
+    assert cfg.token == "from-env"
+    token_file = tmp_path / "token"
+    token_file.write_text("clé-secrète-✓\n", encoding="utf-8")
+    cfg, _ = config_from_args(make_parser().parse_args(["--token_file", str(token_file)]))
+    assert cfg.token == "clé-secrète-✓"
+    with pytest.raises(ValueError, match="--token_file"):
+        config_from_args(make_parser().parse_args(["--token_file", str(tmp_path / "missing")]))
+    with caplog.at_level(logging.WARNING, logger="openrlhf_persrm.serve"):
+        config_from_args(make_parser().parse_args(["--token", "argv-token"]))
+    assert "visible" in caplog.text and "--token_file" in caplog.text
+    with running_server(make_app(PersRMReward(backend=StubJudge()), cfg)) as url:
+        body = {"query": [PROMPT + "SCORE=9"], "prompts": [PROMPT], "labels": [label()]}
+        good = httpx.post(url + "/get_reward", json=body,
+                          headers={"Authorization": "Bearer clé-secrète-✓".encode()})
+        assert good.status_code == 200
+        bad = httpx.post(url + "/get_reward", json=body, headers={"Authorization": "Bearer cle-secrete".encode()})
+        assert bad.status_code == 401
+
+
+def test_logs_are_quiet_at_warning(caplog):
+    from openrlhf_persrm.serve import setup_logging
+
+    root = logging.getLogger()
+    saved = (root.level, logging.getLogger("httpx").level)
+    try:
+        setup_logging("warning")
+        assert not logging.getLogger("httpx").isEnabledFor(logging.INFO)  # no "HTTP Request:" per judgment
+        setup_logging("info")
+        assert not logging.getLogger("httpx").isEnabledFor(logging.INFO)
+    finally:
+        root.setLevel(saved[0])
+        logging.getLogger("httpx").setLevel(saved[1])
+    with FakeOpenAIServer(model="persrm", bad_content_rate=0.0) as judge_server:
+        reward = PersRMReward(endpoint=judge_server.base_url, served_model="persrm", probe_on_start=False)
+        with caplog.at_level(logging.WARNING):
+            for i in range(5):
+                reward([PROMPT + f"Up at six {i}."], [PROMPT], [label("Up early.")])
+        reward.judge.close()
+    assert [r for r in caplog.records if r.name.startswith(("openrlhf_persrm", "httpx"))] == []
+
+
+def test_the_default_port_clashes_with_neither_vllm_nor_openrlhf_serve_rm():
+    import re
+    from pathlib import Path
+
+    import openrlhf
+
+    source = (Path(openrlhf.__file__).parent / "cli" / "serve_rm.py").read_text()
+    serve_rm_port = int(re.search(r'"--port", type=int, default=(\d+)', source).group(1))
+    port = ServeConfig().port
+    assert port not in (8000, serve_rm_port) and make_parser().parse_args([]).port == port
+
+
+def test_judge_failures_are_logged_once_per_kind_with_counts(caplog):
+    reward = PersRMReward(backend=StubJudge(garble_greedy=True), parse_retries=0, stop_after_steps=0)
+    reward.health.summary_every_s = 0.0  # a summary after every call
+    with caplog.at_level(logging.WARNING, logger="openrlhf_persrm"):
+        for _ in range(3):
+            reward([PROMPT + "SCORE=9"], [PROMPT], [label()])
+    first = [r.getMessage() for r in caplog.records if "first seen" in r.getMessage()]
+    assert first == ["persrm: judge failure 'no_reasoning' first seen: no <think>...</think> reasoning before the "
+                     "answer"]
+    assert "judge failures so far: no_reasoning=6 (3 of 3 samples failed)" in caplog.text

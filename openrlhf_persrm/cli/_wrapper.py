@@ -10,8 +10,14 @@ OpenRLHF's own parser, see :func:`openrlhf_persrm.compat.launcher_parser`) plus:
 ``--reward_plugin NAME`` / ``--reward_plugin_config JSON`` (``train_ppo_ray`` only)
     points ``--reward.remote_url`` at the installed entry file and passes the plugin's name
     and configuration to every Ray worker through environment variables;
-``--cpu``
-    runs on CPU (also chosen automatically, with a log line, when no GPU is visible).
+``--trainer_plugin NAME[,NAME...]`` / ``--trainer_plugin_config JSON``
+    trainer plugins (hooks into OpenRLHF's training loop, see
+    :class:`openrlhf_persrm.contracts.TrainerPlugin`); their names and configuration reach the
+    process that runs the loop (every Ray worker for ``train_ppo_ray``) through environment variables;
+``--cpu`` / ``--gpu``
+    runs on CPU / insists on GPUs (CPU mode is chosen automatically only when no GPU is
+    visible and, for ``train_ppo_ray``, no Ray cluster is reachable; see
+    :func:`openrlhf_persrm.cpu.mode.choose_cpu`).
 """
 
 from __future__ import annotations
@@ -42,20 +48,32 @@ def plugin_parser(launcher: str, *, reward: bool) -> argparse.ArgumentParser:
         prog=f"python -m openrlhf_persrm.cli.{launcher}", add_help=False,
         description=f"OpenRLHF {launcher} with openrlhf-persrm plugins. Every OpenRLHF 0.11.2 "
                     f"{launcher} flag is accepted unchanged (listed below the plugin flags).")
+    from ..registry import dataset_plugins, reward_plugins, trainer_plugins
+
     g = p.add_argument_group("openrlhf-persrm plugins")
     g.add_argument("--dataset_plugin", default=None, metavar="NAME",
-                   help="dataset plugin (persrm_sft, persrm_rl, pkg.mod:Class or file.py) that converts "
-                        "PersRM pair JSONL given to the dataset flags into OpenRLHF rows")
+                   help=f"dataset plugin ({', '.join(dataset_plugins.available())}, pkg.mod:Class or file.py) "
+                        "that converts PersRM pair JSONL given to the dataset flags into OpenRLHF rows")
     g.add_argument("--dataset_plugin_config", default=None, metavar="JSON",
                    help="JSON object (or @file.json) of keyword arguments for the dataset plugin")
     if reward:
         g.add_argument("--reward_plugin", default=None, metavar="NAME",
-                       help="reward plugin (persrm_rule, pkg.mod:Class or file.py) given to OpenRLHF "
-                            "as --reward.remote_url; its settings reach every Ray worker")
+                       help=f"reward plugin ({', '.join(reward_plugins.available())}, pkg.mod:Class or "
+                            "file.py) given to OpenRLHF as --reward.remote_url; its settings reach every Ray worker")
         g.add_argument("--reward_plugin_config", default=None, metavar="JSON",
                        help="JSON object (or @file.json) of keyword arguments for the reward plugin")
+    g.add_argument("--trainer_plugin", default=None, metavar="NAME[,NAME...]",
+                   help=f"trainer plugins ({', '.join(trainer_plugins.available())}, pkg.mod:Class or "
+                        "file.py), comma-separated; their hooks run in OpenRLHF's training loop")
+    g.add_argument("--trainer_plugin_config", default=None, metavar="JSON",
+                   help="JSON object (or @file.json) of keyword arguments for the trainer plugin; with several "
+                        "plugins, one object per plugin keyed by its name")
     g.add_argument("--cpu", action="store_true",
-                   help="run on CPU (chosen automatically when no GPU is visible)")
+                   help="run on CPU (chosen automatically, with a warning, only when no GPU is visible"
+                        + (" and no Ray cluster is reachable: RAY_ADDRESS or a `ray start` cluster)" if reward
+                           else ")"))
+    g.add_argument("--gpu", action="store_true",
+                   help="insist on GPUs: fail instead of falling back to CPU mode when none is available")
     g.add_argument("--persrm.cache_dir", dest="cache_dir", default=DEFAULT_CACHE_DIR, metavar="DIR",
                    help="where converted datasets are cached (default: %(default)s)")
     return p
@@ -139,6 +157,10 @@ def convert_datasets(plugin_name: str, config: dict[str, Any], stage: str, ns: d
 
         tokenizer = AutoTokenizer.from_pretrained(model_path)
     max_len = ns.get("data.max_len")
+    extra: dict[str, Any] = {}
+    if stage == "rl" and _accepts(plugin.convert, "max_new_tokens"):
+        # What OpenRLHF truncates prompts by: the plugin budgets prompts from it.
+        extra["max_new_tokens"] = ns.get("rollout.max_new_tokens")
     for flag in flags:
         value = ns.get(flag.lstrip("-"))
         if not value:
@@ -150,17 +172,18 @@ def convert_datasets(plugin_name: str, config: dict[str, Any], stage: str, ns: d
                 raise WrapperError(f"{flag} {src!r}: --dataset_plugin {plugin_name} reads local PersRM pair "
                                    "JSONL files; give a file path (comma-separated for several)")
             key = hashlib.sha256(json.dumps(
-                [file_digest(src), plugin_name, config, model_path, max_len, __version__],
+                [file_digest(src), plugin_name, config, model_path, max_len, __version__, *extra.values()],
                 sort_keys=True, default=str).encode()).hexdigest()[:16]
             dst = os.path.join(cache_dir, "datasets", f"{Path(src).stem}.{plugin.name}.{key}.jsonl")
             if os.path.exists(dst):
                 logger.info("%s: reusing %s (converted earlier from %s)", plugin.name, dst, src)
             else:
-                n = plugin.convert(src, dst, tokenizer=tokenizer, max_len=max_len)
+                n = plugin.convert(src, dst, tokenizer=tokenizer, max_len=max_len, **extra)
                 if n == 0:
-                    os.unlink(dst)
-                    raise WrapperError(f"{flag} {src!r}: --dataset_plugin {plugin_name} wrote no rows; "
-                                       f"see {dst}.report.json (raise --data.max_len if prompts were too long)")
+                    if os.path.exists(dst):
+                        os.unlink(dst)
+                    raise WrapperError(f"{flag} {src!r}: --dataset_plugin {plugin_name} wrote no rows; see "
+                                       f"{dst}.report.json for what was skipped and why")
                 logger.info("%s: converted %s -> %s (%d rows)", plugin.name, src, dst, n)
             outs.append(dst)
         argv.set(flag, ",".join(outs))
@@ -170,6 +193,61 @@ def convert_datasets(plugin_name: str, config: dict[str, Any], stage: str, ns: d
             raise WrapperError(f"{flag} {given!r} conflicts with --dataset_plugin {plugin_name}, which writes "
                                f"rows for {flag} {value!r}; drop {flag}")
         argv.set(flag, value)
+
+
+def prepare_trainer_plugins(specs: str | None, raw_config: str | None, stage: str,
+                            ns: dict[str, Any]) -> tuple[dict[str, str], list[Any]]:
+    """Check ``--trainer_plugin`` / ``--trainer_plugin_config`` here, before any worker starts; return the
+    environment variables that carry them to the training loop, and the plugins."""
+    from ..trainers.hooks import ENV_CONFIG, ENV_PLUGINS, configs_for, load_plugins, split_specs
+
+    names = split_specs(specs)
+    if not names:
+        if raw_config:
+            raise WrapperError("--trainer_plugin_config needs --trainer_plugin")
+        return {}, []
+    config = load_json_config(raw_config, "--trainer_plugin_config")
+    try:
+        plugins = load_plugins(names, config, stage)
+    except (TypeError, LookupError) as exc:
+        raise WrapperError(f"--trainer_plugin: {exc}") from None
+    # Relative file paths in a configuration mean files where the launcher starts, not in a worker.
+    if len(names) == 1:
+        config = _absolute_paths(configs_for(names, config)[0])
+    else:
+        config = {n: _absolute_paths(c) for n, c in zip(names, configs_for(names, config))}
+    if stage == "rl":
+        if ns.get("train.async_enable"):
+            raise WrapperError("--trainer_plugin needs the synchronous PPO trainer; drop --train.async_enable")
+        if any(type(p).twin_key is not _base_twin_key() for p in plugins):
+            batch = int(ns.get("rollout.batch_size") or 0)
+            if batch % 2:
+                raise WrapperError(f"--rollout.batch_size {batch}: --trainer_plugin {specs} keeps both orders of a "
+                                   "pair in one step; use an even --rollout.batch_size")
+            if ns.get("algo.dynamic_filtering_enable"):
+                raise WrapperError(f"--algo.dynamic_filtering_enable drops prompts one by one and would split pairs "
+                                   f"that --trainer_plugin {specs} keeps together; drop it")
+            gen = ns.get("rollout.vllm_generate_batch_size")
+            if gen and int(gen) != batch:
+                raise WrapperError(f"--rollout.vllm_generate_batch_size {gen}: with --trainer_plugin {specs} it must "
+                                   f"equal --rollout.batch_size ({batch}) so that pairs stay in one step")
+    return {ENV_PLUGINS: ",".join(names), ENV_CONFIG: json.dumps(config)}, plugins
+
+
+def _base_twin_key() -> Any:
+    from ..contracts import TrainerPlugin
+
+    return TrainerPlugin.twin_key
+
+
+def _absolute_paths(config: dict[str, Any]) -> dict[str, Any]:
+    return {k: (os.path.abspath(v) if isinstance(v, str) and v and not os.path.isabs(v) and os.path.isfile(v)
+                else v) for k, v in config.items()}
+def _accepts(fn: Callable[..., Any], name: str) -> bool:
+    import inspect
+
+    params = inspect.signature(fn).parameters
+    return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
 
 
 def check_reparse(parser: argparse.ArgumentParser, argv: Argv) -> dict[str, Any]:

@@ -50,6 +50,9 @@ def make_parser() -> argparse.ArgumentParser:
     pipe.add_argument("--judges", nargs="*", default=None,
                       help="eval stage: judge only these of the recipe's eval.judges (the others are left as they are)")
     pipe.add_argument("--verbose", action="store_true", help="stream every stage's full output")
+    pipe.add_argument("--dry_run", action="store_true",
+                      help="resolve paths, build every stage's command, check it with OpenRLHF's own parser and "
+                           "check that the inputs exist; print the plan and run nothing")
     return parser
 
 
@@ -76,7 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         try:
             run_recipe(args.recipe, only=args.only, verbose=args.verbose, workdir=args.workdir,
-                       corpus=args.input, judges=args.judges)
+                       corpus=args.input, judges=args.judges, dry_run=args.dry_run)
         except RecipeError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2

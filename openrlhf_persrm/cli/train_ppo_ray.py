@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from ._wrapper import (Argv, WrapperError, check_reparse, convert_datasets, load_json_config, logger,
-                       namespace_dict, plugin_parser, wrapper_main)
+                       namespace_dict, plugin_parser, prepare_trainer_plugins, wrapper_main)
 
 LAUNCHER = "train_ppo_ray"
 
@@ -51,10 +51,9 @@ def prepare(argv: Sequence[str]) -> Prepared:
     from .. import compat
 
     ours, rest = plugin_parser(LAUNCHER, reward=True).parse_known_args(list(argv))
-    cpu = ours.cpu
-    if not cpu and not compat.has_cuda():
-        logger.info("no GPU visible: running train_ppo_ray in CPU mode")
-        cpu = True
+    from ..cpu.mode import choose_cpu
+
+    cpu = choose_cpu(LAUNCHER, cpu=ours.cpu, gpu=ours.gpu, uses_ray=True)
     parser = compat.launcher_parser(LAUNCHER)
     ns = namespace_dict(parser, rest)
     out = Argv(list(rest))
@@ -75,7 +74,12 @@ def prepare(argv: Sequence[str]) -> Prepared:
             raise WrapperError("--reward_plugin does not combine with --train.agent_func_path "
                                "(OpenRLHF then ignores --reward.remote_url)")
         config = load_json_config(ours.reward_plugin_config, "--reward_plugin_config")
-        from ..registry import instantiate, reward_plugins
+        from ..registry import instantiate, portable_spec, reward_plugins
+
+        # Plugin files travel to Ray workers, whose working directory is not ours: absolute paths.
+        spec = portable_spec(ours.reward_plugin)
+        if "backend" in config:
+            config["backend"] = portable_spec(config["backend"])
 
         instantiate(reward_plugins, ours.reward_plugin, config)  # fail here, not inside a Ray actor
         remote = getattr(reward_plugins.resolve(ours.reward_plugin), "remote_reward_urls", None)
@@ -85,14 +89,27 @@ def prepare(argv: Sequence[str]) -> Prepared:
             logger.info("reward plugin %s is served at %s", ours.reward_plugin, ", ".join(urls))
         else:
             out.set("--reward.remote_url", reward_entry_file())
-            env["PERSRM_REWARD_PLUGIN"] = ours.reward_plugin
+            env["PERSRM_REWARD_PLUGIN"] = spec
             env["PERSRM_REWARD_CONFIG"] = json.dumps(config)
-            # A judge's API key lives in the driver's environment; the rollout actors need it too.
-            key_env = config.get("api_key_env", "PERSRM_JUDGE_API_KEY")
-            if isinstance(key_env, str) and key_env in os.environ:
-                env[key_env] = os.environ[key_env]
+            # A judge's API key is never put in Ray's runtime_env (the dashboard shows it): workers of a
+            # Ray started here inherit it from this process; on a `ray start` cluster use the reward's
+            # api_key_file (or set the variable on every node).
     elif ours.reward_plugin_config:
         raise WrapperError("--reward_plugin_config needs --reward_plugin")
+
+    trainer_env, trainer_plugins = prepare_trainer_plugins(ours.trainer_plugin, ours.trainer_plugin_config, "rl", ns)
+    env.update(trainer_env)
+    providers = [p.name for p in trainer_plugins if getattr(p, "provides_rewards", False)]
+    if providers and not (ours.reward_plugin or out.given("--reward.remote_url")
+                          or ns.get("reward.model_name_or_path")):
+        # OpenRLHF needs a per-sample reward; the trainer plugin replaces it before advantages.
+        from ..trainers.hooks import PENDING_REWARD
+
+        out.set("--reward.remote_url", reward_entry_file())
+        env["PERSRM_REWARD_PLUGIN"] = PENDING_REWARD
+        env["PERSRM_REWARD_CONFIG"] = "{}"
+        logger.info("trainer plugin %s sets the rewards; OpenRLHF's per-sample reward is a placeholder (0)",
+                    ", ".join(providers))
 
     if cpu:
         from ..cpu.mode import check_flags
@@ -124,6 +141,8 @@ def run(prep: Prepared) -> int:
     from .. import compat
 
     os.environ.update(prep.env)
+    # Trainer plugins and the step health check run inside OpenRLHF's PPO trainer actor.
+    compat.install_trainer_hooks(LAUNCHER)
     if prep.cpu:
         from ..cpu import mode as cpu_mode
 

@@ -13,11 +13,12 @@ accelerator.
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Sequence
 
 from ._wrapper import (Argv, WrapperError, check_reparse, convert_datasets, load_json_config, logger,
-                       namespace_dict, plugin_parser, wrapper_main)
+                       namespace_dict, plugin_parser, prepare_trainer_plugins, wrapper_main)
 
 LAUNCHER = "train_sft"
 
@@ -27,10 +28,9 @@ def prepare(argv: Sequence[str]) -> tuple[list[str], bool]:
     from .. import compat
 
     ours, rest = plugin_parser(LAUNCHER, reward=False).parse_known_args(list(argv))
-    cpu = ours.cpu
-    if not cpu and not compat.has_cuda():
-        logger.info("no GPU visible: running train_sft on CPU (DeepSpeed CPU accelerator, gloo)")
-        cpu = True
+    from ..cpu.mode import choose_cpu
+
+    cpu = choose_cpu(LAUNCHER, cpu=ours.cpu, gpu=ours.gpu, uses_ray=False)
     parser = compat.launcher_parser(LAUNCHER)
     ns = namespace_dict(parser, rest)
     out = Argv(list(rest))
@@ -40,11 +40,18 @@ def prepare(argv: Sequence[str]) -> tuple[list[str], bool]:
                          ns.get("model.model_name_or_path"), ours.cache_dir)
     elif ours.dataset_plugin_config:
         raise WrapperError("--dataset_plugin_config needs --dataset_plugin")
+    trainer_env, _ = prepare_trainer_plugins(ours.trainer_plugin, ours.trainer_plugin_config, "sft", ns)
     if cpu:
         from ..cpu.mode import cpu_attention
 
         cpu_attention(ns, out)
     check_reparse(parser, out)
+    # The training loop runs in this process (each rank of a deepspeed/torchrun launch runs this wrapper).
+    from ..trainers.hooks import ENV_CONFIG, ENV_PLUGINS
+
+    for key in (ENV_PLUGINS, ENV_CONFIG):
+        os.environ.pop(key, None)
+    os.environ.update(trainer_env)
     return out.tokens, cpu
 
 
@@ -55,6 +62,8 @@ def run(prepared: tuple[list[str], bool]) -> int:
     if cpu:
         compat.apply_cpu_shims()
         compat.ensure_single_process_env()
+    if os.environ.get("PERSRM_TRAINER_PLUGIN"):
+        compat.install_trainer_hooks(LAUNCHER)
     compat.run_launcher(LAUNCHER, tokens)
     return 0
 

@@ -36,6 +36,97 @@ class CpuModeError(ValueError):
     """A flag that cannot work in CPU mode; the message names it and what to use instead."""
 
 
+# --------------------------------------------------------------------------- CPU or GPU
+
+def _ray_temp_dir() -> str:
+    # Where `ray start` records the address of the cluster it started on this machine (Ray 2.x).
+    return os.path.join(os.environ.get("RAY_TMPDIR") or tempfile.gettempdir(), "ray")
+
+
+def _host_port(address: str) -> tuple[str, int] | None:
+    """``host:port`` of a Ray address (``10.0.0.1:6379``, ``ray://h:10001``, ``http://h:8265``)."""
+    rest = address.split("://", 1)[-1].strip().rstrip("/")
+    host, sep, port = rest.rpartition(":")
+    if not sep:
+        return (rest, 6379) if rest else None
+    try:
+        return host.strip("[]"), int(port)
+    except ValueError:
+        return None
+
+
+def _reachable(address: str, timeout: float = 2.0) -> bool:
+    import socket
+
+    hp = _host_port(address)
+    if hp is None:
+        return False
+    try:
+        with socket.create_connection(hp, timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def ray_cluster() -> tuple[str | None, str, bool]:
+    """The Ray cluster this driver would join: ``(address, where it came from, reachable)``.
+
+    ``RAY_ADDRESS`` first (as ``ray.init`` reads it; ``auto`` and unset mean "a cluster started
+    with ``ray start`` on this machine"), then the address file ``ray start`` writes.
+    ``RAY_ADDRESS=local`` means no cluster.
+    """
+    env = os.environ.get("RAY_ADDRESS", "").strip()
+    if env == "local":
+        return None, "RAY_ADDRESS=local", False
+    if env and env != "auto":
+        return env, "RAY_ADDRESS", _reachable(env)
+    path = os.path.join(_ray_temp_dir(), "ray_current_cluster")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            address = fh.read().strip()
+    except OSError:
+        return None, "RAY_ADDRESS unset, no `ray start` cluster on this machine", False
+    return (address or None), path, bool(address) and _reachable(address)
+
+
+def choose_cpu(launcher: str, *, cpu: bool, gpu: bool, uses_ray: bool) -> bool:
+    """Whether a launcher runs in CPU mode; the choice and its reason are logged at WARNING.
+
+    ``--cpu`` forces CPU mode and ``--gpu`` insists on GPUs. Otherwise CPU mode is chosen only
+    when this process sees no GPU and (for Ray launchers) no Ray cluster is reachable: on a
+    CPU-only head node of a GPU cluster, the run goes to the cluster, never quietly to CPU.
+    Raises :class:`CpuModeError` for ``--gpu`` without GPUs and for a ``RAY_ADDRESS`` that
+    names a cluster nobody answers at.
+    """
+    from .. import compat
+
+    if cpu and gpu:
+        raise CpuModeError("--cpu and --gpu contradict each other; keep one")
+    if cpu:
+        logger.warning("%s: CPU mode (--cpu given)", launcher)
+        return True
+    if compat.has_cuda():
+        return False
+    address, source, reachable = ray_cluster() if uses_ray else (None, "", False)
+    if reachable:
+        logger.warning("%s: no GPU visible to this process, but the Ray cluster at %s (%s) answers: running on "
+                       "the cluster's GPUs (pass --cpu for a local CPU run)", launcher, address, source)
+        return False
+    if address and source == "RAY_ADDRESS":
+        raise CpuModeError(f"RAY_ADDRESS={address} names a Ray cluster that does not answer; start it "
+                           "(`ray start --head` ...), fix RAY_ADDRESS, or unset it and pass --cpu for a CPU run")
+    where = "torch.cuda.is_available() is False"
+    if uses_ray:
+        where += ("; no Ray cluster reachable (" + (f"stale address {address} in {source}" if address else source)
+                  + ")")
+    if gpu:
+        raise CpuModeError(f"--gpu: no GPU available to {launcher} ({where}); run on a GPU machine, start or "
+                           "join a Ray cluster with GPUs (RAY_ADDRESS / `ray start`), or drop --gpu")
+    logger.warning("%s: running in CPU mode: %s. Pass --gpu to insist on GPUs, --cpu to choose CPU mode "
+                   "explicitly", launcher, where)
+    return True
+
+
 def cpu_attention(ns: dict[str, Any], argv: Any) -> None:
     """Attention on CPU: sdpa unless the user chose another non-flash kernel (both launchers)."""
     attn = str(ns.get("ds.attn_implementation"))

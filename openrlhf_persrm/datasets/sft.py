@@ -8,7 +8,7 @@ from typing import Any, Iterator
 from ..contracts import DatasetFlags
 from ..judge_format import arrange, format_target
 from ..pairs import PairFormatError, read_pairs, write_jsonl
-from ._common import ConversionReport, PromptFitter
+from ._common import MIN_KEPT_SHARE, ConversionReport, PromptFitter, check_share
 
 
 @dataclass
@@ -22,7 +22,9 @@ class PersRMSFTDataset:
 
     With a tokenizer and ``max_len``, exemplars are dropped or trimmed so that prompt and
     target fit in ``max_len`` tokens (OpenRLHF would otherwise drop long rows silently);
-    rows that cannot fit are skipped and counted in ``<dst>.report.json``.
+    rows that cannot fit are skipped, counted in ``<dst>.report.json`` and warned about; below
+    ``min_kept_share`` of the rows kept (default half) the conversion stops the run, naming
+    the cause and the flag that fixes it.
     """
 
     name = "persrm_sft"
@@ -31,10 +33,20 @@ class PersRMSFTDataset:
 
     skip_invalid: bool = False
     min_exemplar_words: int = 16
+    min_kept_share: float = MIN_KEPT_SHARE
+
+    def __post_init__(self) -> None:
+        check_share(self.name, self.min_kept_share)
 
     def rows(self, src: str, report: ConversionReport, tokenizer: Any = None,
              max_len: int | None = None) -> Iterator[dict[str, Any]]:
         fitter = PromptFitter(tokenizer, self.min_exemplar_words)
+        report.fixes.update(
+            prompt_too_long=f"a row's prompt and reasoning trace must fit in --data.max_len ({max_len}) tokens "
+                            "together; raise --data.max_len, or make shorter traces (persrm synth --traces.style "
+                            "brief) or fewer exemplars (persrm synth --pairs.max_exemplars)",
+            no_trace="these pairs have no reasoning trace; make SFT data with `persrm synth` (its sft.jsonl)",
+            invalid_pair="repair the pairs file (its bad lines are listed with skip_invalid off)")
         for rec in read_pairs(src, skip_invalid=self.skip_invalid):
             report.pairs_read += 1
             trace = rec.trace
@@ -59,5 +71,4 @@ class PersRMSFTDataset:
     def convert(self, src: str, dst: str, *, tokenizer: Any = None, max_len: int | None = None) -> int:
         report = ConversionReport(self.name, src)
         report.rows_written = write_jsonl(dst, self.rows(src, report, tokenizer, max_len))
-        report.save(dst)
-        return report.rows_written
+        return report.finish(dst, self.min_kept_share)

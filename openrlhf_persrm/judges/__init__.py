@@ -8,6 +8,10 @@ Each honours :class:`openrlhf_persrm.contracts.JudgeBackend` and is registered i
 ``local`` (:mod:`.local`)
     a transformers model in this process, batching concurrent requests on the CPU engine.
 
+:mod:`.faults` types why a judgment failed (``JudgeError`` subclasses with a ``kind``). Both
+backends take ``generate(requests, deadline=t)`` (a ``time.monotonic()`` value): judgments not
+done by then are cancelled and come back as ``JudgeDeadline``.
+
 :mod:`.openai_client` is the async HTTP client both the ``openai`` backend and the data
 pipeline's teacher use. Nothing heavy is imported here.
 """

@@ -25,6 +25,7 @@ from typing import Any, ClassVar, Sequence
 
 from ..contracts import JudgeError, JudgeRequest
 from ._runtime import RebuiltAfterPickling
+from .faults import JudgeDeadline, JudgeRejected, JudgeTimeout
 
 logger = logging.getLogger(__name__)
 
@@ -120,8 +121,28 @@ class LocalJudge(RebuiltAfterPickling):
         return tok("\n\n".join(m["content"] for m in messages) + "\n\n", add_special_tokens=False)["input_ids"]
 
     # ------------------------------------------------------------------ generation
-    def generate(self, requests: Sequence[JudgeRequest], progress: Any = None) -> list[str | JudgeError]:
-        """Judge outputs in request order; a request that fails or times out gets a :class:`JudgeError`."""
+    @property
+    def special_tokens(self) -> tuple[str, ...]:
+        """The tokenizer's special tokens (neutralised inside candidates before templating)."""
+        tok = self.tokenizer
+        extra = [t.content for t in getattr(tok, "added_tokens_decoder", {}).values() if getattr(t, "special", False)]
+        return tuple(dict.fromkeys([*getattr(tok, "all_special_tokens", []), *extra]))
+
+    def count_text_tokens(self, text: str) -> int:
+        """Tokens of a bare text (a candidate) in this judge's tokenizer."""
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def health(self) -> dict[str, Any]:
+        return {"backend": self.name, "model_path": self.model_path, "loaded": self._engine is not None,
+                "stats": dict(self.stats)}
+
+    def generate(self, requests: Sequence[JudgeRequest], progress: Any = None,
+                 deadline: float | None = None) -> list[str | JudgeError]:
+        """Judge outputs in request order; a request that fails or times out gets a :class:`JudgeError`.
+
+        ``deadline`` (a ``time.monotonic()`` value) bounds the wait as ``timeout`` does: judgments
+        not done by then are aborted and returned as :class:`~.faults.JudgeDeadline`.
+        """
         from ..cpu.vllm_standin import SamplingParams
 
         engine = self.engine
@@ -134,7 +155,7 @@ class LocalJudge(RebuiltAfterPickling):
                 pending[engine.submit(self._encode(req.messages), params, request_id)] = (i, request_id)
             except ValueError as exc:  # prompt too long for the model, bad sampling settings
                 self.stats["rejected"] += 1
-                out[i] = JudgeError(f"local judge rejected the request: {exc}")
+                out[i] = JudgeRejected(f"local judge rejected the request: {exc}")
                 if progress is not None:
                     progress.update(1)
         self.stats["requests"] += len(pending)
@@ -152,8 +173,12 @@ class LocalJudge(RebuiltAfterPickling):
             if progress is not None:
                 progress.update(1)
 
+        wait = self.timeout
+        by_deadline = deadline is not None and deadline - time.monotonic() < wait
+        if by_deadline:
+            wait = max(0.0, deadline - time.monotonic())
         try:
-            for future in concurrent.futures.as_completed(list(pending), timeout=self.timeout):
+            for future in concurrent.futures.as_completed(list(pending), timeout=wait):
                 collect(future)
         except concurrent.futures.TimeoutError:
             for future, (i, request_id) in list(pending.items()):
@@ -162,8 +187,9 @@ class LocalJudge(RebuiltAfterPickling):
                     continue
                 engine.abort(request_id)
                 pending.pop(future)
-                self.stats["timeouts"] += 1
-                out[i] = JudgeError(f"local judge: no output within timeout={self.timeout}s")
+                self.stats["deadline" if by_deadline else "timeouts"] += 1
+                out[i] = (JudgeDeadline("local judge: no output before the deadline; aborted") if by_deadline
+                          else JudgeTimeout(f"local judge: no output within timeout={self.timeout}s"))
         return out
 
     def close(self) -> None:

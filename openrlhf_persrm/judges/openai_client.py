@@ -22,7 +22,15 @@ RETRY_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
 
 
 class EndpointError(RuntimeError):
-    """A request failed after all its attempts (transient: trying again later may succeed)."""
+    """A request failed after all its attempts (transient: trying again later may succeed).
+
+    ``kind``: what the last attempt met: ``timeout``, ``unreachable``, ``server_error`` or
+    ``malformed_body``.
+    """
+
+    def __init__(self, message: str, kind: str = "unreachable"):
+        super().__init__(message)
+        self.kind = kind
 
 
 class EndpointFatal(RuntimeError):
@@ -103,7 +111,7 @@ class AsyncChatClient:
                    seed: int | None = None) -> str:
         payload = self.payload(messages, max_tokens=max_tokens, temperature=temperature, seed=seed)
         httpx = self._httpx
-        last_error = "no attempt"
+        last_error, kind = "no attempt", "unreachable"
         for attempt in range(self.retries + 1):
             if attempt:
                 delay = min(self.max_backoff, self.backoff * 2 ** (attempt - 1)) * (0.5 + random.random())
@@ -115,11 +123,11 @@ class AsyncChatClient:
                     response = await self._client.post(self.url, json=payload)
             except httpx.TimeoutException:
                 self.stats["timeouts"] += 1
-                last_error = "timeout"
+                last_error, kind = "timeout", "timeout"
                 continue
             except httpx.TransportError as exc:
                 self.stats["connection_errors"] += 1
-                last_error = f"connection error: {exc!r}"
+                last_error, kind = f"connection error: {exc!r}", "unreachable"
                 continue
             status = response.status_code
             if status in (401, 403):
@@ -128,7 +136,7 @@ class AsyncChatClient:
                 raise EndpointFatal(f"{self.url} answered 404 for model {self.model!r}", status)
             if status in RETRY_STATUS:
                 self.stats[f"http_{status}"] += 1
-                last_error = f"HTTP {status}"
+                last_error, kind = f"HTTP {status}", "server_error"
                 continue
             if status != 200:
                 raise EndpointFatal(f"{self.url} answered HTTP {status}: {response.text[:200]}", status)
@@ -140,27 +148,52 @@ class AsyncChatClient:
                 text = ChatText(text, choice.get("finish_reason"))
             except (ValueError, KeyError, IndexError, TypeError) as exc:
                 self.stats["malformed_bodies"] += 1
-                last_error = f"malformed body ({exc.__class__.__name__})"
+                last_error, kind = f"malformed body ({exc.__class__.__name__})", "malformed_body"
                 continue
             self.stats["ok"] += 1
             return text
-        raise EndpointError(f"{self.url}: gave up after {self.retries + 1} attempts ({last_error})")
+        raise EndpointError(f"{self.url}: gave up after {self.retries + 1} attempts ({last_error})", kind)
 
     async def list_models(self) -> list[str]:
         """Model ids the endpoint serves (``GET /models``)."""
         try:
             response = await self._client.get(self.base_url + "/models")
+        except self._httpx.TimeoutException as exc:
+            raise EndpointError(f"{self.base_url}/models: timeout", "timeout") from exc
         except self._httpx.HTTPError as exc:
             raise EndpointError(f"{self.base_url}/models: {exc!r}") from exc
         if response.status_code in (401, 403):
             raise EndpointFatal(f"{self.base_url}/models refused the API key (HTTP {response.status_code})",
                                 response.status_code)
+        if response.status_code == 404:
+            raise EndpointFatal(f"{self.base_url}/models answered 404: is this an OpenAI-compatible base URL?", 404)
         if response.status_code != 200:
-            raise EndpointError(f"{self.base_url}/models answered HTTP {response.status_code}")
+            raise EndpointError(f"{self.base_url}/models answered HTTP {response.status_code}", "server_error")
         try:
             return [m["id"] for m in response.json()["data"]]
         except (ValueError, KeyError, TypeError) as exc:
-            raise EndpointError(f"{self.base_url}/models: malformed body ({exc.__class__.__name__})") from exc
+            raise EndpointError(f"{self.base_url}/models: malformed body ({exc.__class__.__name__})",
+                                "malformed_body") from exc
+
+    async def tokenize(self, body: dict[str, Any], timeout: float = 5.0) -> int | None:
+        """Token count from vLLM's ``POST /tokenize`` (``body``: ``messages`` or ``prompt``); None where
+        the server has no such endpoint; :class:`EndpointError` when it fails."""
+        root = self.base_url[:-3] if self.base_url.endswith("/v1") else self.base_url
+        try:
+            response = await self._client.post(root + "/tokenize", json={"model": self.model, **body},
+                                               timeout=timeout)
+        except self._httpx.HTTPError as exc:
+            raise EndpointError(f"{root}/tokenize: {exc!r}") from exc
+        if response.status_code in (404, 405, 501):
+            return None
+        try:
+            count = response.json().get("count") if response.status_code == 200 else None
+        except (ValueError, AttributeError):
+            count = None
+        if not isinstance(count, int) or isinstance(count, bool):
+            raise EndpointError(f"{root}/tokenize answered HTTP {response.status_code} without a count",
+                                "malformed_body")
+        return count
 
     async def aclose(self) -> None:
         await self._client.aclose()

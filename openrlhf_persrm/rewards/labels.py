@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Sequence
+
+#: End-of-turn markers OpenRLHF leaves at the end of a response (it decodes special tokens).
+END_MARKERS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>", "<|end|>", "</s>", "<pad>",
+               "<|finetune_right_pad_id|>", "<end_of_turn>", "<eos>")
 
 
 class LabelError(ValueError):
@@ -46,9 +50,54 @@ def split_response(query: str, prompt: str) -> str:
     """The generated response inside OpenRLHF's ``query`` (prompt + response, decoded).
 
     OpenRLHF decodes prompt and response tokens together, so ``query`` normally starts with
-    ``prompt``; where decoding changed the prompt's text, the response is still taken from
-    ``len(prompt)`` on, as OpenRLHF documents.
+    ``prompt``. When OpenRLHF left-truncated a prompt that did not fit (``utils/agent.py``),
+    ``query`` starts with only the *end* of ``prompt``: the response follows the longest end of
+    the prompt that ``query`` starts with (its first characters may differ, where the cut fell
+    inside a multi-byte character). Otherwise the response is taken from ``len(prompt)`` on,
+    as OpenRLHF documents.
     """
     if prompt and query.startswith(prompt):
         return query[len(prompt):]
+    tail = prompt[-64:]
+    if tail:
+        start = 0
+        while (i := query.find(tail, start)) >= 0:
+            end = i + len(tail)
+            head = query[:end]
+            if prompt.endswith(head[min(4, i):]):
+                return query[end:]
+            start = i + 1
     return query[len(prompt):] if len(query) > len(prompt) else query
+
+
+def clean_response(text: str, markers: Sequence[str] = END_MARKERS) -> str:
+    """The response without trailing end-of-turn markers and whitespace.
+
+    >>> clean_response("Sure thing.<|im_end|><pad><pad>")
+    'Sure thing.'
+    """
+    text = text.rstrip()
+    changed = True
+    while changed:
+        changed = False
+        for marker in markers:
+            if marker and text.endswith(marker):
+                text = text[: -len(marker)].rstrip()
+                changed = True
+    return text
+
+
+def has_lone_surrogate(value: Any) -> bool:
+    """Whether a string (or any string inside a list/dict) cannot be encoded as UTF-8 (a lone
+    surrogate from JSON such as ``"\\ud800"``): such text is refused per sample, not per batch."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return True
+        return False
+    if isinstance(value, dict):
+        return any(has_lone_surrogate(k) or has_lone_surrogate(v) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return any(has_lone_surrogate(v) for v in value)
+    return False

@@ -10,11 +10,16 @@ sets for the driver and every Ray worker:
 ``PERSRM_REWARD_CONFIG``
     JSON object of keyword arguments for the plugin (default ``{}``);
 ``PERSRM_REWARD_ON_ERROR``
-    reward given if the plugin itself raises (default ``-1.0``; such samples are also
-    counted in the ``plugin_error`` log).
+    reward given if the plugin itself raises unexpectedly (default: the plugin's own
+    ``failure_reward`` when it has one, else ``-1.0``; such samples are also counted in the
+    ``plugin_error`` log).
 
 The plugin is built when this file is imported, so a plugin that fails to load stops
-the run at start-up instead of turning every reward into ``None`` later.
+the run at start-up instead of turning every reward into ``None`` later; a plugin with a
+``probe()`` (the ``persrm`` reward: one judgment) is probed then too, so a dead or
+misconfigured judge stops the run before training. A plugin that declares its judge down
+(:class:`~openrlhf_persrm.judges.faults.JudgeUnavailable`, the stop rule) is not given a
+failure reward: the error propagates and OpenRLHF stops the run.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import threading
 from typing import Any, Sequence
 
 from openrlhf_persrm.contracts import RewardOutput
+from openrlhf_persrm.judges.faults import JudgeUnavailable
 from openrlhf_persrm.registry import instantiate, reward_plugins
 
 logger = logging.getLogger("openrlhf_persrm.reward")
@@ -48,8 +54,24 @@ def load_plugin_from_env(environ: dict[str, str] | None = None) -> Any:
     return instantiate(reward_plugins, name, config)
 
 
+def probe_plugin(plugin: Any) -> None:
+    """Run the plugin's start-up probe if it has one and wants it (raises when the judge is down)."""
+    probe = getattr(plugin, "probe", None)
+    if callable(probe) and getattr(plugin, "probe_on_start", False):
+        probe()
+
+
+def on_error_reward(plugin: Any, environ: dict[str, str] | None = None) -> float:
+    env = os.environ if environ is None else environ
+    if ENV_ON_ERROR in env:
+        return float(env[ENV_ON_ERROR])
+    value = getattr(plugin, "failure_reward", None)
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else -1.0
+
+
 _PLUGIN = load_plugin_from_env()
-_ON_ERROR = float(os.environ.get(ENV_ON_ERROR, "-1.0"))
+probe_plugin(_PLUGIN)
+_ON_ERROR = on_error_reward(_PLUGIN)
 _KEYS_LOCK = threading.Lock()
 _KEYS: tuple[str, ...] | None = None  # extra_logs keys, kept identical for every sample
 
@@ -78,6 +100,8 @@ def reward_func(queries: Sequence[str], prompts: Sequence[str], labels: Sequence
     try:
         out = _as_output(_PLUGIN(queries, prompts, labels, **kwargs), n)
         error = 0.0
+    except JudgeUnavailable:
+        raise  # the stop rule: the run must end, with the cause (already logged) in the error
     except Exception:
         logger.exception("reward plugin %s raised; giving %s to %d sample(s)",
                          getattr(_PLUGIN, "name", _PLUGIN), _ON_ERROR, n)

@@ -5,6 +5,11 @@ where the person's real text was shown, a strictly correct order earns ``correct
 a wrong order or a tie ``wrong_reward``, and an output the parser cannot read
 ``format_penalty``. It never raises: a bad label is logged as an error and earns the
 format penalty.
+
+The format is what the method is named for, so it cannot be skipped: empty reasoning
+(``<think></think>``), reasoning shorter than ``min_reasoning_words`` words, and any text after
+``</answer>`` (end-of-turn markers aside) are format failures, counted by kind in
+``extra_logs`` (``format_fail_<kind>``).
 """
 
 from __future__ import annotations
@@ -15,12 +20,13 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from ..contracts import RewardOutput
-from ..judge_format import Judgment, parse_judgment, scores_for
-from .labels import LabelError, parse_label, split_response
+from ..judge_format import FailureKind, Judgment, parse_judgment, scores_for
+from .labels import LabelError, clean_response, parse_label, split_response
 
 logger = logging.getLogger(__name__)
 
-EXTRA_LOG_KEYS = ("accuracy", "format_ok", "margin", "reasoning_len", "tie")
+EXTRA_LOG_KEYS = ("accuracy", "format_ok", "margin", "reasoning_len", "tie",
+                  *(f"format_fail_{k.value}" for k in FailureKind))
 
 
 @dataclass
@@ -34,11 +40,14 @@ class RuleReward:
             Defaults below ``wrong_reward`` so a parsable wrong verdict beats an
             unparsable one, keeping the format alive under GRPO.
         require_reasoning: demand ``<think>...</think>`` before the answer.
+        min_reasoning_words: fewer words of reasoning are a format failure (default 1: empty
+            reasoning fails; raise it, e.g. to 20, to refuse token reasoning as well).
+        allow_trailing_text: accept text after ``</answer>`` (default: a format failure).
 
     Example::
 
         >>> r = RuleReward()
-        >>> out = r(["<prompt><think>curt, like them</think><answer>[8, 3]</answer>"], ["<prompt>"],
+        >>> out = r(["<prompt><think>curt, like them</think><answer>[8, 3]</answer><|im_end|>"], ["<prompt>"],
         ...         [{"chosen_position": "A"}])
         >>> out.rewards, out.extra_logs["accuracy"]
         ([1.0], [1.0])
@@ -50,8 +59,14 @@ class RuleReward:
     wrong_reward: float = -1.0
     format_penalty: float = -1.5
     require_reasoning: bool = True
+    min_reasoning_words: int = 1
+    allow_trailing_text: bool = False
 
     def __post_init__(self) -> None:
+        if isinstance(self.min_reasoning_words, bool) or not isinstance(self.min_reasoning_words, int) \
+                or self.min_reasoning_words < 0:
+            raise ValueError(f"persrm_rule: min_reasoning_words={self.min_reasoning_words!r}; use a whole number "
+                             ">= 0 (set it in --reward_plugin_config)")
         for key in ("correct_reward", "wrong_reward", "format_penalty"):
             value = getattr(self, key)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
@@ -64,15 +79,18 @@ class RuleReward:
     # Scores in [0, 1] for OpenRLHF's dynamic filtering: 1 for a correct verdict, else 0.
     def score_one(self, response: str, label: Any) -> tuple[float, float, dict[str, float]]:
         """``(reward, score, extra_logs)`` for one response. Never raises."""
-        logs = {"accuracy": 0.0, "format_ok": 0.0, "margin": 0.0, "reasoning_len": 0.0, "tie": 0.0}
+        logs = dict.fromkeys(EXTRA_LOG_KEYS, 0.0)
         try:
             pos = parse_label(label)["chosen_position"]
         except LabelError as exc:
             logger.error("persrm_rule: bad label, giving the format penalty: %s", exc)
             return self.format_penalty, 0.0, logs
-        result = parse_judgment(response, require_reasoning=self.require_reasoning)
+        result = parse_judgment(clean_response(response), require_reasoning=self.require_reasoning,
+                                min_reasoning_words=self.min_reasoning_words,
+                                allow_trailing=self.allow_trailing_text)
         logs["reasoning_len"] = float(len(result.reasoning.split()))
         if not isinstance(result, Judgment):
+            logs[f"format_fail_{result.kind.value}"] = 1.0
             logger.debug("persrm_rule: unreadable judgment (%s: %s)", result.kind.value, result.detail)
             return self.format_penalty, 0.0, logs
         real, other = scores_for(result, pos)

@@ -1,8 +1,8 @@
-"""An example third-party openrlhf-persrm plugin package (reward + dataset plugin)."""
+"""An example third-party openrlhf-persrm plugin package (reward, dataset and trainer plugin)."""
 
 from dataclasses import dataclass
 
-from openrlhf_persrm.contracts import DatasetFlags, RewardOutput
+from openrlhf_persrm.contracts import DatasetFlags, RewardOutput, StepResult, TrainerPlugin
 from openrlhf_persrm.pairs import read_pairs, write_jsonl
 
 
@@ -31,3 +31,20 @@ class PlainSFT:
 
     def convert(self, src, dst, *, tokenizer=None, max_len=None):
         return write_jsonl(dst, ({"prompt": r.prompt, "chosen": r.chosen} for r in read_pairs(src)))
+
+
+@dataclass
+class ShortBonus(TrainerPlugin):
+    """A trainer plugin: in each prompt group, the shortest response gets ``bonus`` added to its reward;
+    logs how many groups the step had (``example_groups``)."""
+
+    name = "example_short_bonus"
+    stages = ("rl",)
+    bonus: float = 0.0
+
+    def on_rollout_step(self, *, step):
+        rewards = list(step.rewards)
+        for group in step.groups():
+            shortest = min(group, key=lambda i: len(step.samples[i].response))
+            rewards[shortest] += self.bonus
+        return StepResult(rewards, {"example_groups": float(len(step.groups()))})
