@@ -265,8 +265,10 @@ def namespace_dict(parser: argparse.ArgumentParser, tokens: Sequence[str]) -> di
 
 
 def setup_logging() -> None:
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="[persrm] %(message)s", stream=sys.stderr)
+    # The project's records under "[persrm]", other libraries' warnings under their own names.
+    from ..logs import setup_logging as _setup
+
+    _setup("persrm", stream=sys.stderr)
 
 
 def print_help(launcher: str, ours: argparse.ArgumentParser) -> None:
