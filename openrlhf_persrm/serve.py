@@ -421,7 +421,8 @@ def running_server(app: Any, host: str = "127.0.0.1", port: int = 0, log_level: 
 def _reward_fields() -> list[dataclasses.Field]:
     from .rewards.persrm import PersRMReward
 
-    return [f for f in dataclasses.fields(PersRMReward) if f.init]
+    # serve_url points a training run at a persrm serve; inside the server it has no meaning.
+    return [f for f in dataclasses.fields(PersRMReward) if f.init and f.name != "serve_url"]
 
 
 REWARD_HELP = {
