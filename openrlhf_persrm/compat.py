@@ -284,6 +284,7 @@ def train_in_float32() -> None:
     global _FP32_PATCHED
     if _FP32_PATCHED:
         return
+    install_flash_attn_stub()  # openrlhf.utils.deepspeed imports flash_attn
     import torch
     from openrlhf.utils import utils as upstream_utils
     from openrlhf.utils.deepspeed import deepspeed as ds_module

@@ -185,3 +185,27 @@ def test_before_advantages_sees_the_whole_step_and_writes_rewards_back(caplog, m
     assert experiences[1].info["reward"].tolist() == [18.0, 8.0]
     assert "step 5: every rollout hit --rollout.max_new_tokens (8)" in caplog.text  # all truncated
     assert "identical rewards" not in caplog.text
+
+
+def test_cpu_float32_patch_makes_openrlhf_load_and_train_in_float32():
+    # In a fresh process: the patch is process-wide.
+    import subprocess
+    import sys
+
+    code = (
+        "import os; os.environ['PERSRM_CPU_DTYPE'] = 'fp32'\n"
+        "from openrlhf_persrm import compat\n"
+        "assert compat.cpu_float32()\n"
+        "compat.train_in_float32()\n"
+        "import torch\n"
+        "from openrlhf.utils.utils import convert_to_torch_dtype\n"
+        "from openrlhf.utils.deepspeed import deepspeed as ds\n"
+        "assert convert_to_torch_dtype('bf16') is torch.float32\n"
+        "cfg = ds.get_train_ds_config(offload=False, param_dtype='bf16')\n"
+        "assert cfg['bf16']['enabled'] is False and cfg['fp16']['enabled'] is False, cfg\n"
+        "ev = ds.get_eval_ds_config(offload=False, param_dtype='bf16')\n"
+        "assert ev['bf16']['enabled'] is False\n"
+        "os.environ['PERSRM_CPU_DTYPE'] = 'bf16'; assert not compat.cpu_float32()\n"
+        "print('ok')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
