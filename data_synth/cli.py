@@ -25,10 +25,11 @@ import types
 import typing
 from typing import Any, Sequence
 
-from .config import CorpusConfig, PairConfig, SplitConfig, SynthConfig, TeacherConfig, TraceConfig
+from .config import (CorpusConfig, EvidenceConfig, PairConfig, SplitConfig, SynthConfig, TeacherConfig,
+                     TraceConfig)
 
 _SECTIONS = {"corpus": CorpusConfig, "split": SplitConfig, "pairs": PairConfig, "teacher": TeacherConfig,
-             "traces": TraceConfig}
+             "traces": TraceConfig, "evidence": EvidenceConfig}
 
 
 def _bool(text: str) -> bool:

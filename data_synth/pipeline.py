@@ -52,7 +52,8 @@ OUTPUT_FILES = ("pairs.jsonl", "sft.jsonl", "sft_validation.jsonl", "rl.jsonl", 
 WORK_FILES = ("signature.json", "results.jsonl")  # the files in .work/ written through a temp file
 # Flags that change how fast a run goes, never what it writes: a resume may change them.
 _TRANSPORT_FIELDS = {"teacher": ("base_url", "api_key_env", "concurrency", "timeout", "retries", "backoff",
-                                 "cache", "threads")}
+                                 "cache", "threads"),
+                     "evidence": ("batch_size", "endpoint")}
 
 
 class IncompleteRun(RuntimeError):
@@ -189,8 +190,9 @@ def plan_tasks(paragraphs: Sequence[Paragraph], cfg: SynthConfig) -> Plan:
                     skipped[f"{split}:unsplittable"] += 1
                     continue
                 usable.append(p)
-            if pc.max_targets_per_author is not None:
-                usable = usable[:pc.max_targets_per_author]
+            cap = pc.targets_cap(split)
+            if cap is not None:
+                usable = usable[:cap]
             targets.extend(usable)
         targets.sort(key=lambda p: seeded_key(seed, "types", p.uid))
         fallback = sc.min_exemplar_distance if split in sc.same_work_fallback else None
@@ -342,7 +344,8 @@ async def process_task(task: PairTask, ctx: Context) -> dict[str, Any]:
     rejected, provenance, reasons = await make_negative(task, ctx)
     record: dict[str, Any] = {"id": task.id, "rejected": rejected, "negative": provenance,
                               "failed_tries": dict(reasons), "traces": {}, "trace_outcomes": {}}
-    if rejected is not None and task.needs_trace and ctx.teacher.can_generate:
+    # With reader traces the teacher only makes negatives: traces come from the measured evidence.
+    if rejected is not None and task.needs_trace and ctx.teacher.can_generate and ctx.cfg.traces.style != "reader":
         orders = ["A", "B"] if ctx.cfg.traces.orders == "both" else [task.planned_position]
         outcomes: Counter = Counter()
         for position in orders:
@@ -468,9 +471,13 @@ def _dedup_key(task: PairTask, rejected: str) -> str:
                                        " ".join(rejected.split())]).encode()).hexdigest()
 
 
-def assemble(plan: Plan, results: dict[str, dict[str, Any]], cfg: SynthConfig,
-             teacher_identity: dict[str, Any]) -> tuple[dict[str, list[dict[str, Any]]], dict[str, Any]]:
-    """Rows for every output file, and the statistics for the manifest. Pure."""
+def assemble(plan: Plan, results: dict[str, dict[str, Any]], cfg: SynthConfig, teacher_identity: dict[str, Any],
+             evidence: dict[str, dict[str, Any]] | None = None) -> tuple[dict[str, list[dict[str, Any]]], dict[str, Any]]:
+    """Rows for every output file, and the statistics for the manifest. Pure.
+
+    ``evidence``: measured evidence by pair id (``first`` the real text), stored on every row that has one
+    and read by ``--traces.style reader``."""
+    evidence = evidence or {}
     planned: dict[str, Counter] = defaultdict(Counter)
     counts: dict[str, Counter] = defaultdict(Counter)
     rejected_pairs: dict[str, Counter] = defaultdict(Counter)
@@ -499,6 +506,8 @@ def assemble(plan: Plan, results: dict[str, dict[str, Any]], cfg: SynthConfig,
                  "exemplar_refs": list(task.exemplar_refs), "negative": res["negative"]}
         if task.same_work_exemplars:
             extra["same_work_exemplars"] = True
+        if task.id in evidence:
+            extra["evidence"] = evidence[task.id]
         pairs.append(PairRecord(task.id, task.author, list(task.exemplars), task.prompt, task.chosen,
                                 res["rejected"], task.negative_type, extra))
         by_id[task.id] = (task, res)
@@ -510,8 +519,10 @@ def assemble(plan: Plan, results: dict[str, dict[str, Any]], cfg: SynthConfig,
         rl.sort(key=lambda p: seeded_key(cfg.seed, "rl_order", p.id))  # a prefix covers every author
         files[name] = [p.to_json() for p in rl]
 
-    use_teacher = teacher_identity.get("backend") != "offline"
-    trace_stats: dict[str, Any] = {"kind": "teacher" if use_teacher else "bootstrap", "splits": list(cfg.traces.splits)}
+    reader = cfg.traces.style == "reader"
+    use_teacher = teacher_identity.get("backend") != "offline" and not reader
+    trace_stats: dict[str, Any] = {"kind": "teacher" if use_teacher else "reader" if reader else "bootstrap",
+                                   "splits": list(cfg.traces.splits)}
     attempted = accepted = 0
     bootstrap: Counter = Counter()   # evidence-trace outcomes of the pairs that fell back to one
     positions: Counter = Counter()
@@ -536,7 +547,8 @@ def assemble(plan: Plan, results: dict[str, dict[str, Any]], cfg: SynthConfig,
                 if teacher_traces[p.id] is not None:
                     keep.append(p)
                 elif fallback_ok:
-                    outcome = evidence_trace(p.exemplars, p.prompt, p.chosen, p.rejected, "A").outcome
+                    outcome = (_reader_outcome(p) if reader else
+                               evidence_trace(p.exemplars, p.prompt, p.chosen, p.rejected, "A").outcome)
                     bootstrap[outcome] += 1
                     if outcome == "favours_real":
                         keep.append(p)
@@ -553,6 +565,9 @@ def assemble(plan: Plan, results: dict[str, dict[str, Any]], cfg: SynthConfig,
                     orders = (pos, "B" if pos == "A" else "A") if cfg.traces.both_orders else (pos,)
                     written = []
                     for o in orders:
+                        if reader:
+                            written.append((o, _reader_trace(p, o).to_json()))
+                            continue
                         t = evidence_trace(p.exemplars, p.prompt, p.chosen, p.rejected, o, brief=brief)
                         written.append((o, Trace(t.reasoning, o, t.scores, "bootstrap:evidence").to_json()))
                 for o, trace in written:
@@ -596,7 +611,95 @@ def assemble(plan: Plan, results: dict[str, dict[str, Any]], cfg: SynthConfig,
                                              for p in pairs))},
         "traces": trace_stats,
     }
+    if evidence:
+        stats["evidence"] = evidence_report(pairs)
     return files, stats
+
+
+def _reader_outcome(pair: PairRecord) -> str:
+    """Whether the fixed reader, reading the pair's evidence, picks the real text (a trace can be written)."""
+    from openrlhf_persrm.evidence import read_evidence
+
+    ev = pair.evidence
+    if ev is None:
+        return "no_evidence"
+    preferred = read_evidence(ev).preferred
+    return "favours_real" if preferred == "A" else "evidence_tied" if preferred is None else "evidence_disagrees"
+
+
+def _reader_trace(pair: PairRecord, position: str) -> Trace:
+    """The evidence-informed judge's reasoning for ``pair`` with the real text at ``position``."""
+    from openrlhf_persrm.evidence import read_evidence
+    from openrlhf_persrm.judge_format import evidence_reasoning
+
+    ev = pair.evidence.arranged(position)
+    made = evidence_reasoning(read_evidence(ev), ev)
+    assert made is not None, "only pairs whose reading favours the real text get a trace"
+    reasoning, scores = made
+    return Trace(reasoning, position, scores, "bootstrap:reader")
+
+
+def evidence_report(pairs: Sequence[PairRecord]) -> dict[str, Any]:
+    """Per split and negative type: how often each measure alone (and the fixed reader) picks the real text."""
+    from openrlhf_persrm.evidence.measures import measure_accuracy
+
+    groups: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
+    for p in pairs:
+        ev = p.evidence
+        if ev is not None:
+            groups[str(p.extra.get("split"))][p.negative_type].append(ev)
+            groups[str(p.extra.get("split"))]["all"].append(ev)
+    scorers = sorted({ev.scorer for g in groups.values() for evs in g.values() for ev in evs})
+    out: dict[str, Any] = {"scorer": scorers[0] if len(scorers) == 1 else scorers,
+                           "pairs": sum(len(g["all"]) for g in groups.values())}
+    for split in SPLITS:
+        if split in groups:
+            out[split] = {t: {"n": len(evs), **measure_accuracy(evs)} for t, evs in sorted(groups[split].items())}
+    return out
+
+
+EVIDENCE_LOG = "evidence.jsonl"
+
+
+def measure_evidence(plan: Plan, results: dict[str, dict[str, Any]], cfg: SynthConfig, work_dir: Path,
+                     ) -> dict[str, dict[str, Any]]:
+    """Evidence for every pair that got a negative, by pair id; resumable (``.work/evidence.jsonl``
+    is appended chunk by chunk, and a rerun measures only what is missing)."""
+    from tqdm.auto import tqdm
+
+    from openrlhf_persrm.evidence import EvidenceInput, build_scorer, jobs_needed, measure_pairs
+
+    path = work_dir / EVIDENCE_LOG
+    done: dict[str, dict[str, Any]] = {}
+    if path.exists():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                obj = json.loads(line)
+                done[obj["id"]] = obj["evidence"]
+            except (ValueError, KeyError, TypeError):
+                continue  # a line cut by a crash: measured again
+    todo = [t for t in plan.tasks if results[t.id]["rejected"] is not None and t.id not in done]
+    if not todo:
+        return done
+    e = cfg.evidence
+    scorer = build_scorer(model=e.scorer, endpoint=e.endpoint, served_model=e.served_model,
+                          **({"batch_size": e.batch_size, "dtype": e.dtype, "max_context_tokens": e.max_context_tokens}
+                             if e.scorer else {}))
+    items = [EvidenceInput(t.exemplars, t.prompt, t.chosen, results[t.id]["rejected"]) for t in todo]
+    bar = tqdm(total=jobs_needed(items), desc="evidence", unit="text", disable=not cfg.progress, dynamic_ncols=True)
+    chunk = 32
+    try:
+        with open(path, "a", encoding="utf-8") as fh:
+            for start in range(0, len(todo), chunk):
+                measured = measure_pairs(scorer, items[start:start + chunk], progress=bar)
+                for task, ev in zip(todo[start:start + chunk], measured):
+                    done[task.id] = ev.to_json()
+                    fh.write(json.dumps({"id": task.id, "evidence": done[task.id]}) + "\n")
+                fh.flush()
+                os.fsync(fh.fileno())
+    finally:
+        bar.close()
+    return done
 
 
 def headline_types(cfg: SynthConfig) -> dict[str, list[str]]:
@@ -628,7 +731,7 @@ def build_teacher(cfg: SynthConfig, work_dir: Path) -> Any:
                                    concurrency=t.concurrency, timeout=t.timeout, retries=t.retries,
                                    backoff=t.backoff)
     else:
-        inner = TransformersTeacher(t.model, gguf_file=t.gguf_file, threads=t.threads)
+        inner = TransformersTeacher(t.model, gguf_file=t.gguf_file, threads=t.threads, concurrency=t.concurrency)
     if t.cache:
         return CachedTeacher(inner, ResponseCache(str(work_dir / "teacher_cache.sqlite")))
     return inner
@@ -706,7 +809,8 @@ def run_synth(cfg: SynthConfig, *, teacher: Any = None) -> dict[str, Any]:
                             "rerun the same command to finish them (finished work is kept)")
 
     results = log.load()
-    files, stats = assemble(plan, results, cfg, teacher.identity)
+    evidence = measure_evidence(plan, results, cfg, work_dir) if cfg.evidence.enabled else None
+    files, stats = assemble(plan, results, cfg, teacher.identity, evidence)
     for name, rows in files.items():
         if name in ("pairs.jsonl", "rl.jsonl", "rl_validation.jsonl", "sft.jsonl", "sft_validation.jsonl"):
             write_pairs(out_dir / name, rows)

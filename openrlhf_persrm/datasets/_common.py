@@ -10,6 +10,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
+from ..evidence.measures import PairEvidence
 from ..judge_format import BudgetedPrompt, ExemplarBudget, PromptTooLong, build_messages, chat_token_counter
 
 logger = logging.getLogger(__name__)
@@ -99,6 +100,35 @@ class ConversionReport:
         return self.rows_written
 
 
+EVIDENCE_MODES = ("auto", "on", "off")
+
+
+def check_evidence_mode(plugin: str, mode: str) -> None:
+    if mode not in EVIDENCE_MODES:
+        raise ValueError(f"{plugin}: evidence={mode!r} is not one of {EVIDENCE_MODES}; set it in "
+                         "--dataset_plugin_config, e.g. '{\"evidence\": \"on\"}'")
+
+
+def pair_evidence(rec: Any, mode: str, plugin: str, src: str) -> PairEvidence | None:
+    """The evidence a row's judge prompt shows (``first`` = the real text): the row's own under ``auto``
+    (when it has one) and ``on`` (required), none under ``off`` (plain PersRM-R1 judging)."""
+    if mode == "off":
+        return None
+    try:
+        evidence = rec.evidence
+    except ValueError as exc:
+        from ..pairs import PairFormatError
+
+        raise PairFormatError(f"pair {rec.id!r}: {exc}", path=src, field="evidence") from None
+    if evidence is None and mode == "on":
+        from ..pairs import PairFormatError
+
+        raise PairFormatError(f"pair {rec.id!r} has no 'evidence', but {plugin} was asked for evidence "
+                              "(evidence: on); measure it with `persrm synth --evidence.scorer MODEL`",
+                              path=src, field="evidence")
+    return evidence
+
+
 def openrlhf_counter(tokenizer: Any) -> Callable[[list[dict[str, str]]], int]:
     """Prompt tokens exactly as OpenRLHF's rollouts count them (see :mod:`openrlhf_persrm.compat`)."""
     from .. import compat
@@ -117,13 +147,14 @@ class PromptFitter:
         self.min_exemplar_words = min_exemplar_words
 
     def fit(self, budget: int | None, exemplars: Sequence[str], prompt: str, a: str, b: str,
-            report: ConversionReport) -> list[dict[str, str]] | None:
-        """Messages within ``budget`` tokens, or None (counted as skipped) if they cannot fit."""
+            report: ConversionReport, evidence: PairEvidence | None = None) -> list[dict[str, str]] | None:
+        """Messages within ``budget`` tokens, or None (counted as skipped) if they cannot fit;
+        ``evidence`` on A and B (in that order) for an evidence-informed judge."""
         if self._count is None or budget is None:
-            return build_messages(exemplars, prompt, a, b)
+            return build_messages(exemplars, prompt, a, b, evidence=evidence)
         try:
             fitted: BudgetedPrompt = ExemplarBudget(budget, self.min_exemplar_words).fit(
-                self._count, exemplars, prompt, a, b)
+                self._count, exemplars, prompt, a, b, evidence)
         except PromptTooLong:
             report.skipped["prompt_too_long"] += 1
             return None

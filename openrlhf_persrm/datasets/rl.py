@@ -8,8 +8,8 @@ from typing import Any, Iterator
 from ..contracts import DatasetFlags
 from ..judge_format import arrange, assign_positions
 from ..pairs import load_pairs, write_jsonl
-from ._common import (MIN_KEPT_SHARE, ConversionReport, PromptFitter, check_share, generation_reserve,
-                      openrlhf_counter)
+from ._common import (MIN_KEPT_SHARE, ConversionReport, PromptFitter, check_evidence_mode, check_share,
+                      generation_reserve, openrlhf_counter, pair_evidence)
 
 ORDERS = ("both", "balanced", "A", "B")
 
@@ -41,9 +41,11 @@ class PersRMRLDataset:
     skip_invalid: bool = False
     min_exemplar_words: int = 16
     min_kept_share: float = MIN_KEPT_SHARE
+    evidence: str = "auto"
 
     def __post_init__(self) -> None:
         check_share(self.name, self.min_kept_share)
+        check_evidence_mode(self.name, self.evidence)
         if self.orders not in ORDERS:
             raise ValueError(f"persrm_rl: orders={self.orders!r} is not one of {ORDERS}; "
                              "set it in --dataset_plugin_config, e.g. '{\"orders\": \"both\"}'")
@@ -77,7 +79,10 @@ class PersRMRLDataset:
             report.fixes["invalid_pair"] = "repair the pairs file (its bad lines are listed with skip_invalid off)"
         for rec, pos in plan:
             a, b = arrange(rec.chosen, rec.rejected, pos)
-            messages = fitter.fit(budget, rec.exemplars, rec.prompt, a, b, report)
+            evidence = pair_evidence(rec, self.evidence, self.name, src)
+            if evidence is not None:
+                evidence = evidence.arranged(pos)
+            messages = fitter.fit(budget, rec.exemplars, rec.prompt, a, b, report, evidence)
             if messages is None:
                 continue
             yield {"prompt": messages,

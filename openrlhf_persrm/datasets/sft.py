@@ -8,7 +8,8 @@ from typing import Any, Iterator
 from ..contracts import DatasetFlags
 from ..judge_format import arrange, format_target
 from ..pairs import PairFormatError, read_pairs, write_jsonl
-from ._common import MIN_KEPT_SHARE, ConversionReport, PromptFitter, check_share
+from ._common import (MIN_KEPT_SHARE, ConversionReport, PromptFitter, check_evidence_mode, check_share,
+                      pair_evidence)
 
 
 @dataclass
@@ -34,9 +35,11 @@ class PersRMSFTDataset:
     skip_invalid: bool = False
     min_exemplar_words: int = 16
     min_kept_share: float = MIN_KEPT_SHARE
+    evidence: str = "auto"
 
     def __post_init__(self) -> None:
         check_share(self.name, self.min_kept_share)
+        check_evidence_mode(self.name, self.evidence)
 
     def rows(self, src: str, report: ConversionReport, tokenizer: Any = None,
              max_len: int | None = None) -> Iterator[dict[str, Any]]:
@@ -62,7 +65,10 @@ class PersRMSFTDataset:
                 # Leave room for the target and the end-of-turn tokens the template adds.
                 budget = max_len - len(tokenizer(target, add_special_tokens=False)["input_ids"]) - 8
             a, b = arrange(rec.chosen, rec.rejected, trace.chosen_position)
-            messages = fitter.fit(budget, rec.exemplars, rec.prompt, a, b, report)
+            evidence = pair_evidence(rec, self.evidence, self.name, src)
+            if evidence is not None:
+                evidence = evidence.arranged(trace.chosen_position)
+            messages = fitter.fit(budget, rec.exemplars, rec.prompt, a, b, report, evidence)
             if messages is None:
                 continue
             yield {"prompt": messages, "response": [{"role": "assistant", "content": target}],

@@ -110,6 +110,19 @@ class AsyncChatClient:
     async def chat(self, messages: list[dict[str, str]], *, max_tokens: int, temperature: float,
                    seed: int | None = None) -> str:
         payload = self.payload(messages, max_tokens=max_tokens, temperature=temperature, seed=seed)
+
+        def read(body: Any) -> str:
+            choice = body["choices"][0]
+            text = choice["message"]["content"]
+            if not isinstance(text, str):
+                raise TypeError("content is not a string")
+            return ChatText(text, choice.get("finish_reason"))
+
+        return await self.post(self.url, payload, read)
+
+    async def post(self, url: str, payload: dict[str, Any], read: Any) -> Any:
+        """POST ``payload`` to ``url`` with the client's retries; ``read(json_body)`` is the result (a
+        ``ValueError``, ``KeyError``, ``IndexError`` or ``TypeError`` from it counts as a malformed body)."""
         httpx = self._httpx
         last_error, kind = "no attempt", "unreachable"
         for attempt in range(self.retries + 1):
@@ -120,7 +133,7 @@ class AsyncChatClient:
             try:
                 async with self._semaphore:
                     self.stats["requests"] += 1
-                    response = await self._client.post(self.url, json=payload)
+                    response = await self._client.post(url, json=payload)
             except httpx.TimeoutException:
                 self.stats["timeouts"] += 1
                 last_error, kind = "timeout", "timeout"
@@ -131,28 +144,24 @@ class AsyncChatClient:
                 continue
             status = response.status_code
             if status in (401, 403):
-                raise EndpointFatal(f"{self.url} refused the API key (HTTP {status})", status)
+                raise EndpointFatal(f"{url} refused the API key (HTTP {status})", status)
             if status == 404:
-                raise EndpointFatal(f"{self.url} answered 404 for model {self.model!r}", status)
+                raise EndpointFatal(f"{url} answered 404 for model {self.model!r}", status)
             if status in RETRY_STATUS:
                 self.stats[f"http_{status}"] += 1
                 last_error, kind = f"HTTP {status}", "server_error"
                 continue
             if status != 200:
-                raise EndpointFatal(f"{self.url} answered HTTP {status}: {response.text[:200]}", status)
+                raise EndpointFatal(f"{url} answered HTTP {status}: {response.text[:200]}", status)
             try:
-                choice = response.json()["choices"][0]
-                text = choice["message"]["content"]
-                if not isinstance(text, str):
-                    raise TypeError("content is not a string")
-                text = ChatText(text, choice.get("finish_reason"))
+                result = read(response.json())
             except (ValueError, KeyError, IndexError, TypeError) as exc:
                 self.stats["malformed_bodies"] += 1
                 last_error, kind = f"malformed body ({exc.__class__.__name__})", "malformed_body"
                 continue
             self.stats["ok"] += 1
-            return text
-        raise EndpointError(f"{self.url}: gave up after {self.retries + 1} attempts ({last_error})", kind)
+            return result
+        raise EndpointError(f"{url}: gave up after {self.retries + 1} attempts ({last_error})", kind)
 
     async def list_models(self) -> list[str]:
         """Model ids the endpoint serves (``GET /models``)."""
