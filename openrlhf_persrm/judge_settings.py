@@ -23,7 +23,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-__all__ = ["JudgeSettings", "MODES", "JUDGE_SOURCES", "get_reward_urls", "settings_table"]
+__all__ = ["JudgeSettings", "MODES", "JUDGE_SOURCES", "get_reward_urls", "setting", "settings_table"]
 
 MODES = ("score_diff", "win_rate", "pointwise")
 #: Where the judge is: exactly one of these is set.
@@ -40,7 +40,8 @@ class _Unset(float):
 _DEFAULT_FAILURE_REWARD = _Unset(-1.0)
 
 
-def _setting(default: Any, help: str, **kwargs: Any) -> Any:
+def setting(default: Any, help: str, **kwargs: Any) -> Any:
+    """A dataclass field with its documentation (``metadata["help"]``: flags, README table)."""
     if isinstance(default, dict):
         return field(default_factory=dict, metadata={"help": help}, **kwargs)
     return field(default=default, metadata={"help": help}, **kwargs)
@@ -57,56 +58,56 @@ class JudgeSettings:
     CLIENT_SIDE: ClassVar[frozenset[str]] = frozenset({"serve_url", "probe_on_start"})
 
     # ------------------------------------------------------------------ where the judge is
-    endpoint: str = _setting("", "OpenAI-compatible server with the judge (`vllm serve` of a trained PersRM), e.g. "
+    endpoint: str = setting("", "OpenAI-compatible server with the judge (`vllm serve` of a trained PersRM), e.g. "
                                  "http://127.0.0.1:8000; selects the `openai` backend")
-    served_model: str = _setting("", "the judge's model name on that server (empty: the first it lists)")
-    api_key_env: str = _setting("PERSRM_JUDGE_API_KEY", "environment variable holding that server's API key")
-    api_key_file: str = _setting("", "file holding that server's API key instead (keys never sit in configs or argv)")
-    model: str = _setting("", "local judge checkpoint folder (or `smollm2-135m-instruct`): the `local` backend, "
+    served_model: str = setting("", "the judge's model name on that server (empty: the first it lists)")
+    api_key_env: str = setting("PERSRM_JUDGE_API_KEY", "environment variable holding that server's API key")
+    api_key_file: str = setting("", "file holding that server's API key instead (keys never sit in configs or argv)")
+    model: str = setting("", "local judge checkpoint folder (or `smollm2-135m-instruct`): the `local` backend, "
                               "in this process on CPU, batched")
-    serve_url: str = _setting("", "a running `persrm serve` (comma-separated for several): the judging happens "
+    serve_url: str = setting("", "a running `persrm serve` (comma-separated for several): the judging happens "
                                   "there, so judging settings belong to the server and are refused here")
-    backend: Any = _setting("", "judge backend name, pkg.mod:Class or file.py[:Class], or an instance "
+    backend: Any = setting("", "judge backend name, pkg.mod:Class or file.py[:Class], or an instance "
                                 "(instead of endpoint/model)")
-    backend_config: dict = _setting({}, "JSON object of backend keyword arguments (over those derived from the "
+    backend_config: dict = setting({}, "JSON object of backend keyword arguments (over those derived from the "
                                         "settings above)")
     # ------------------------------------------------------------------ how it judges
-    mode: str = _setting("score_diff", "how a judgment counts, in [-1, 1]: score_diff (s - r) / 9, win_rate +1/0/-1, "
+    mode: str = setting("score_diff", "how a judgment counts, in [-1, 1]: score_diff (s - r) / 9, win_rate +1/0/-1, "
                                        "pointwise (s - 5.5) / 4.5; r is the reference (persrm) or the other "
                                        "sample (persrm_group)")
-    votes: int = _setting(1, "judgments per A/B order (test-time voting); above 1 needs temperature > 0")
-    temperature: float = _setting(0.0, "judge sampling temperature (0: greedy)")
-    max_new_tokens: int = _setting(512, "tokens the judge may write (reasoning and answer)")
-    max_response_chars: int = _setting(4000, "each candidate is cut to this many characters (counted in "
+    votes: int = setting(1, "judgments per A/B order (test-time voting); above 1 needs temperature > 0")
+    temperature: float = setting(0.0, "judge sampling temperature (0: greedy)")
+    max_new_tokens: int = setting(512, "tokens the judge may write (reasoning and answer)")
+    max_response_chars: int = setting(4000, "each candidate is cut to this many characters (counted in "
                                              "candidate_truncated)")
-    max_response_tokens: int = _setting(1024, "... and to this many judge tokens (emoji and rare scripts take "
+    max_response_tokens: int = setting(1024, "... and to this many judge tokens (emoji and rare scripts take "
                                               "several tokens a character)")
-    max_prompt_tokens: int = _setting(4096, "judge prompt budget; exemplars are dropped to fit, a prompt that "
+    max_prompt_tokens: int = setting(4096, "judge prompt budget; exemplars are dropped to fit, a prompt that "
                                             "cannot fit scores failure_reward")
-    chars_per_token: float = _setting(3.0, "ASCII characters per token where the judge cannot count tokens (other "
+    chars_per_token: float = setting(3.0, "ASCII characters per token where the judge cannot count tokens (other "
                                            "characters: one token per UTF-8 byte)")
-    parse_retries: int = _setting(1, "extra attempts, sampled at retry_temperature, for unreadable judgments, "
+    parse_retries: int = setting(1, "extra attempts, sampled at retry_temperature, for unreadable judgments, "
                                      "within the deadline")
-    retry_temperature: float = _setting(0.7, "temperature of those attempts (at least temperature)")
-    require_reasoning: bool = _setting(True, "demand <think>...</think> before the answer")
-    seed: int = _setting(0, "base seed of the judge's sampling (vote i uses seed + i)")
+    retry_temperature: float = setting(0.7, "temperature of those attempts (at least temperature)")
+    require_reasoning: bool = setting(True, "demand <think>...</think> before the answer")
+    seed: int = setting(0, "base seed of the judge's sampling (vote i uses seed + i)")
     # ------------------------------------------------------------------ when it fails
-    failure_reward: float = _setting(_DEFAULT_FAILURE_REWARD,
+    failure_reward: float = setting(_DEFAULT_FAILURE_REWARD,
                                      "reward of a sample the judge could not score (judge error, deadline, "
                                      "unreadable output, bad label or input); -1, the worst judged reward, so "
                                      "failing never pays more than losing")
-    neutral_reward: float | None = _setting(None, "former name of failure_reward (give one of the two)")
-    deadline_s: float = _setting(90.0, "a reward call (persrm), a step's judging (persrm_group) or a /get_reward "
+    neutral_reward: float | None = setting(None, "former name of failure_reward (give one of the two)")
+    deadline_s: float = setting(90.0, "a reward call (persrm), a step's judging (persrm_group) or a /get_reward "
                                        "answer (persrm serve) returns within this many seconds; unfinished "
                                        "judgments are cancelled and score failure_reward (keep it under "
                                        "OpenRLHF's 180 s client timeout)")
-    timeout: float = _setting(60.0, "seconds per judge request attempt (the built-in backends)")
-    stop_failure_rate: float = _setting(0.5, "stop rule: a window of samples fails when more than this share of "
+    timeout: float = setting(60.0, "seconds per judge request attempt (the built-in backends)")
+    stop_failure_rate: float = setting(0.5, "stop rule: a window of samples fails when more than this share of "
                                              "them got no judgment")
-    stop_after_steps: int = _setting(3, "stop rule: this many failed windows in a row declare the judge down and "
+    stop_after_steps: int = setting(3, "stop rule: this many failed windows in a row declare the judge down and "
                                         "end the run, with the cause (0: never)")
-    stop_window: int = _setting(64, "stop rule: samples per window")
-    probe_on_start: bool = _setting(True, "judge one probe pair before the first reward (persrm: the entry file; "
+    stop_window: int = setting(64, "stop rule: samples per window")
+    probe_on_start: bool = setting(True, "judge one probe pair before the first reward (persrm: the entry file; "
                                           "persrm_group: its first step; persrm serve: before serving) and stop, "
                                           "naming the cause, when the judge cannot answer")
 

@@ -17,12 +17,13 @@ import logging
 import threading
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
 
 from ..contracts import JudgeError, JudgeRequest, accepts_keyword
 from ..judge_format import (SCORE_MAX, SCORE_MIN, ExemplarBudget, Judgment, PromptTooLong, estimate_tokens,
                             estimated_counter, parse_judgment, truncate_to_tokens)
+from ..judge_settings import JudgeSettings
 from ..judges.faults import JudgeDeadline, JudgeUnavailable, JudgeUnreachable, failure_kind
 from .judge_health import JudgeHealth
 
@@ -349,3 +350,39 @@ class JudgeRunner:
                                    f"({failure_kind(out)}): {out}")
         logger.info("persrm: judge %s answered the start-up probe", getattr(judge, "name", "?"))
         return JudgedPair(None, None, out, None)
+
+
+@dataclass
+class JudgingPlugin(JudgeSettings):
+    """Judge settings plus this process's :class:`JudgeRunner`: what the ``persrm`` reward and
+    ``persrm_group`` are built on. Pickles without the runner (Ray ships the plugin; a worker
+    builds its own backend from a name, and keeps its own health)."""
+
+    _runner: Any = field(default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._runner = JudgeRunner(self)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_runner"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._runner = JudgeRunner(self)
+
+    @property
+    def runner(self) -> JudgeRunner:
+        return self._runner
+
+    @property
+    def judge(self) -> Any:
+        """The judge backend, built on first use (none with ``serve_url``)."""
+        return self._runner.judge
+
+    @property
+    def health(self) -> JudgeHealth:
+        """Failure counts, recent failure rate and the stop rule's state."""
+        return self._runner.health

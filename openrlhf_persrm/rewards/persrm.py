@@ -60,15 +60,14 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar, Sequence
 
 from ..contracts import RewardOutput
 from ..judge_format import FailureKind, PromptTooLong, strip_chat_template
-from ..judge_settings import MODES, JudgeSettings, get_reward_urls
+from ..judge_settings import MODES, get_reward_urls
 from ..judges.faults import ERROR_KINDS, JudgeUnavailable
-from .judge_health import JudgeHealth
-from .judging import JudgedPair, JudgeRunner, judgment_value, truncate
+from .judging import JudgedPair, JudgingPlugin, judgment_value, truncate
 from .labels import END_MARKERS, LabelError, clean_response, has_lone_surrogate, label_object, split_response
 
 __all__ = ["PersRMReward", "PreparedSample", "JudgedPair", "JudgeUnavailable", "EXTRA_LOG_KEYS", "FAILURE_KINDS",
@@ -143,52 +142,21 @@ class Ledger:
 
 
 @dataclass
-class PersRMReward(JudgeSettings):
+class PersRMReward(JudgingPlugin):
     """Generative reward from a PersRM judge (see the module docstring); its fields are the judge
     settings, :class:`~openrlhf_persrm.judge_settings.JudgeSettings`."""
 
     name: ClassVar[str] = "persrm"
-
-    _runner: Any = field(default=None, init=False, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        self._runner = JudgeRunner(self)
-
-    # ------------------------------------------------------------------ pickling (Ray)
-    def __getstate__(self) -> dict[str, Any]:
-        state = dict(self.__dict__)
-        state["_runner"] = None  # rebuilt in the worker: a backend built from a name, fresh health
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self._runner = JudgeRunner(self)
 
     @classmethod
     def remote_reward_urls(cls, config: dict[str, Any]) -> list[str] | None:
         """Where OpenRLHF should POST for rewards instead of loading this plugin (``serve_url``)."""
         return get_reward_urls(config.get("serve_url", ""), cls.name) or None
 
-    # ------------------------------------------------------------------ the judge
-    @property
-    def runner(self) -> JudgeRunner:
-        return self._runner
-
-    @property
-    def judge(self) -> Any:
-        """The judge backend, built on first use."""
-        return self._runner.judge
-
     @property
     def _judge(self) -> Any:
         """The judge backend if already built, else None (``persrm serve``'s ``/health`` builds nothing)."""
         return self._runner.built_judge
-
-    @property
-    def health(self) -> JudgeHealth:
-        """Failure counts, recent failure rate and the stop rule's state."""
-        return self._runner.health
 
     def judge_many(self, prompts: Sequence[list[dict[str, str]]], seeds: Sequence[int] | None = None,
                    deadline: float | None = None) -> list[JudgedPair]:

@@ -51,7 +51,8 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Sequence
 
 from ..contracts import JudgeError, RewardOutput, RolloutStep, StepResult, TrainerPlugin
-from ..judge_settings import JudgeSettings, get_reward_urls
+from ..judge_settings import JudgeSettings, get_reward_urls, setting
+from ..rewards.judging import JudgingPlugin
 
 logger = logging.getLogger(__name__)
 
@@ -132,12 +133,8 @@ class _Group:
         self.details.setdefault(kind, detail)
 
 
-def _help(default: Any, text: str) -> Any:
-    return field(default=default, metadata={"help": text})
-
-
 @dataclass
-class PersRMGroup(JudgeSettings, TrainerPlugin):
+class PersRMGroup(JudgingPlugin, TrainerPlugin):
     """Group-relative PersRM rewards (see the module docstring). Its judge settings are
     :class:`~openrlhf_persrm.judge_settings.JudgeSettings`, as for the ``persrm`` reward; its own:"""
 
@@ -149,14 +146,13 @@ class PersRMGroup(JudgeSettings, TrainerPlugin):
         "deadline_s", "failure_reward", "neutral_reward", "mode", "stop_failure_rate", "stop_after_steps",
         "stop_window"}
 
-    strategy: str = _help("circular", "circular (k neighbours each side) or all_pairs")
-    k: int = _help(1, "neighbours on each side for circular")
-    include_reference: bool = _help(False, "let the label's reference join each group as a member (judged, "
+    strategy: str = setting("circular", "circular (k neighbours each side) or all_pairs")
+    k: int = setting(1, "neighbours on each side for circular")
+    include_reference: bool = setting(False, "let the label's reference join each group as a member (judged, "
                                            "never rewarded)")
-    combine: str = _help("replace", "replace the step's rewards, or add weight x the group reward to them")
-    weight: float = _help(1.0, "scale of the group reward")
-    serve_batch: int = _help(64, "comparisons per /get_reward request to persrm serve (its --max_batch)")
-    _runner: Any = field(default=None, init=False, repr=False, compare=False)
+    combine: str = setting("replace", "replace the step's rewards, or add weight x the group reward to them")
+    weight: float = setting(1.0, "scale of the group reward")
+    serve_batch: int = setting(64, "comparisons per /get_reward request to persrm serve (its --max_batch)")
     _probed: bool = field(default=False, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -170,31 +166,10 @@ class PersRMGroup(JudgeSettings, TrainerPlugin):
             raise ValueError(f"persrm_group: serve_batch={self.serve_batch}; use 1 or more")
         if not (isinstance(self.weight, (int, float)) and math.isfinite(self.weight)):
             raise ValueError(f"persrm_group: weight={self.weight!r}; use a finite number")
-        super().__post_init__()  # the judge settings, as for the persrm reward
-        from ..rewards.judging import JudgeRunner
-
-        self._runner = JudgeRunner(self)
+        super().__post_init__()  # the judge settings, checked as for the persrm reward
 
     def __getstate__(self) -> dict[str, Any]:
-        state = dict(self.__dict__)
-        state.update(_runner=None, _probed=False)  # per process: the backend, the health, the probe
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        from ..rewards.judging import JudgeRunner
-
-        self.__dict__.update(state)
-        self._runner = JudgeRunner(self)
-
-    @property
-    def judge(self) -> Any:
-        """The judge backend (not with ``serve_url``), built on first use."""
-        return self._runner.judge
-
-    @property
-    def health(self) -> Any:
-        """Failure counts and the stop rule's state (:class:`~openrlhf_persrm.rewards.judge_health.JudgeHealth`)."""
-        return self._runner.health
+        return {**super().__getstate__(), "_probed": False}  # a worker probes its own judge
 
     # ------------------------------------------------------------------ start-up
     def probe(self, timeout: float | None = None) -> None:
