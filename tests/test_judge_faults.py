@@ -1,8 +1,9 @@
 """The generative reward under real faults, against loopback judges (tests/_fault_judge.py).
 
 Each fault a long RLHF run meets (hung, refused, garbage, 500, slow, 401 judges) is driven
-through the ``persrm`` reward and through ``persrm serve``, asserting the time bound (deadline
-plus generous slack, never exact timings), the reward given, and what is logged or returned.
+through the ``persrm`` reward, through ``persrm serve`` and through the ``persrm_group`` trainer
+plugin (its hook called directly, no Ray), asserting the time bound (deadline plus generous
+slack, never exact timings), the reward given, and what is logged, returned or raised.
 """
 
 from __future__ import annotations
@@ -336,7 +337,7 @@ def test_each_fault_behind_persrm_group_has_the_outcome_it_has_behind_persrm(fau
     assert f"judge failure '{kind}' first seen" in caplog.text
 
 
-def test_a_group_with_some_judgments_failed_ranks_the_rest():
+def test_persrm_group_against_a_working_served_judge_ranks_by_style():
     with FaultJudge("ok") as judge:
         group = group_for(judge.url, deadline_s=20)
         out, _ = group_call(group, ["Up at six, the dog walked, coffee black.", "Slept in; brunch downtown."])
