@@ -417,3 +417,14 @@ def test_persrm_group_probes_each_server_at_start_up():
                                                        r"\(fatal\)"):
                 group_call(group, ["a", "b"])
         reward.judge.close()
+
+
+def test_persrm_group_counts_a_refusing_server_as_failed_judgments():
+    from _judge_stubs import StubJudge
+
+    reward = PersRMReward(backend=StubJudge())
+    with running_server(make_app(reward, ServeConfig(token="s3cret"))) as url:  # the group sends no token
+        group = PersRMGroup(serve_url=url, probe_on_start=False, strategy="all_pairs", serve_batch=1)
+        out, _ = group_call(group, ["a", "b", "c"])
+    assert out.rewards == [-1.0] * 3 and out.metrics["group_judge_fail_fatal"] == 6
+    assert group.health.snapshot()["failures"] == {"fatal": 6}

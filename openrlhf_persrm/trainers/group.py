@@ -39,10 +39,10 @@ Labels are the ``persrm_policy`` dataset's: ``{"exemplars": [...], "prompt": ...
 
 from __future__ import annotations
 
-import concurrent.futures
 import json
 import logging
 import math
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -288,17 +288,10 @@ class PersRMGroup(JudgingPlugin, TrainerPlugin):
         if not chunks:
             return
         urls = get_reward_urls(self.serve_url)
-        pool = concurrent.futures.ThreadPoolExecutor(min(len(chunks), _MAX_PARALLEL_REQUESTS),
-                                                     thread_name_prefix="persrm-group-post")
-        futures = [pool.submit(_post_get_reward, urls[n % len(urls)], [queries[k] for k in chunk],
-                               [labels[k] for k in chunk], deadline) for n, chunk in enumerate(chunks)]
-        concurrent.futures.wait(futures, timeout=max(0.0, deadline - time.monotonic()))
-        # a request still out is abandoned: its socket times out by the deadline, its thread then ends
-        pool.shutdown(wait=False, cancel_futures=True)
-        for chunk, future in zip(chunks, futures):
-            if future.done() and not future.cancelled():
-                result = future.result()  # raises JudgeUnavailable: the server declared its judge down
-            else:
+        results = _post_together([(urls[n % len(urls)], [queries[k] for k in chunk], [labels[k] for k in chunk])
+                                  for n, chunk in enumerate(chunks)], deadline)
+        for chunk, result in zip(chunks, results):
+            if result is None:
                 result = JudgeDeadline(f"persrm serve did not answer before the step's deadline "
                                        f"(deadline_s={self.deadline_s})")
             for n, k in enumerate(chunk):
@@ -360,6 +353,46 @@ def _server_kinds(out: RewardOutput, n: int) -> list[str]:
     found = [(v[n], k[len("judge_fail_"):]) for k, v in out.extra_logs.items()
              if k.startswith("judge_fail_") and len(v) > n and v[n]]
     return [k for _, k in sorted(found, reverse=True)]
+
+
+def _post_together(requests: list[tuple[str, list[str], list[dict]]], deadline: float) -> list[Any]:
+    """Each ``(url, queries, labels)`` sent at once (at most ``_MAX_PARALLEL_REQUESTS`` in flight), on
+    daemon threads; returns by ``deadline`` with each answer (or typed failure), None where none came
+    back in time (that thread is abandoned: its socket times out by the deadline, and it never holds
+    up the process's exit). Raises what a request raised (``JudgeUnavailable``: a judge that is down)."""
+    from ..judges.faults import JudgeDeadline
+
+    results: list[Any] = [None] * len(requests)
+    raised: list[BaseException] = []
+    slots = threading.BoundedSemaphore(_MAX_PARALLEL_REQUESTS)
+    finished = threading.Condition()
+    count = [0]
+
+    def send(n: int, url: str, queries: list[str], labels: list[dict]) -> None:
+        try:
+            if slots.acquire(timeout=max(0.0, deadline - time.monotonic())):
+                try:
+                    result: Any = _post_get_reward(url, queries, labels, deadline)
+                finally:
+                    slots.release()
+            else:
+                result = JudgeDeadline("the step's deadline passed before the request could be sent")
+        except BaseException as exc:  # noqa: BLE001 -- raised in the caller
+            result = None
+            raised.append(exc)
+        with finished:
+            results[n] = result
+            count[0] += 1
+            finished.notify()
+
+    for n, request in enumerate(requests):
+        threading.Thread(target=send, args=(n, *request), name="persrm-group-post", daemon=True).start()
+    with finished:
+        finished.wait_for(lambda: count[0] == len(requests) or raised,
+                          timeout=max(0.0, deadline - time.monotonic()))
+        if raised:
+            raise raised[0]
+        return list(results)
 
 
 def _post_get_reward(url: str, queries: list[str], labels: list[dict], deadline: float) -> RewardOutput | JudgeError:
