@@ -567,7 +567,9 @@ def engine_generate(trainer):
         if not engines:
             raise RuntimeError("persrm trainer plugins: evaluation in train_ppo_ray needs --vllm.num_engines >= 1")
         params = SamplingParams(temperature=0.0, top_p=1.0, max_tokens=max_new_tokens, skip_special_tokens=True)
-        ids = [_chat_ids(trainer.tokenizer, m) for m in prompts]
+        from .judge_format import chat_prompt_ids
+
+        ids = [chat_prompt_ids(trainer.tokenizer, m) for m in prompts]
         if trainer.args.vllm.enable_sleep:
             batch_vllm_engine_call(engines, "wake_up")
         try:
@@ -583,13 +585,6 @@ def engine_generate(trainer):
         return [o.outputs[0].text if o is not None and o.outputs else "" for o in outs]
 
     return generate
-
-
-def _chat_ids(tokenizer, messages) -> list[int]:
-    ids = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
-    if isinstance(ids, dict) or hasattr(ids, "keys"):
-        ids = ids["input_ids"]
-    return list(ids)
 
 
 def ppo_evaluate(trainer, global_step: int) -> dict[str, float]:

@@ -290,6 +290,22 @@ class TrainerPlugin:
 
 # --------------------------------------------------------------------------- checks
 
+def accepts_keyword(fn: Any, name: str) -> bool:
+    """Whether ``fn`` takes the keyword argument ``name`` (by name or through ``**kwargs``); False
+    when its signature cannot be read. The one check callers use before passing an optional keyword.
+
+    >>> accepts_keyword(lambda requests, deadline=None: None, "deadline"), accepts_keyword(print, "deadline")
+    (True, False)
+    """
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return (name in params and params[name].kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                                     inspect.Parameter.KEYWORD_ONLY)) \
+        or any(p.kind == p.VAR_KEYWORD for p in params.values())
+
+
 def _factory_ok(obj: Any) -> bool:
     """A plugin must be constructible with keyword arguments only (all defaults)."""
     try:

@@ -312,15 +312,23 @@ class PromptTooLong(ValueError):
 TokenCounter = Callable[[list[dict[str, str]]], int]
 
 
+def chat_prompt_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
+    """Token ids of chat messages as the model is prompted with them: its chat template with the
+    generation prompt, or, for a tokenizer without one, the contents joined by blank lines (no
+    special tokens added). Every caller that renders a chat prompt to ids uses this one function,
+    so counting a prompt and sending it never disagree."""
+    if getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
+        if isinstance(ids, dict) or hasattr(ids, "keys"):  # transformers >= 4.5x returns a BatchEncoding
+            ids = ids["input_ids"]
+        return list(ids)
+    return tokenizer("\n\n".join(m["content"] for m in messages) + "\n\n", add_special_tokens=False)["input_ids"]
+
+
 def chat_token_counter(tokenizer: Any) -> TokenCounter:
-    """Count the tokens of chat messages as the model will see them (chat template applied)."""
+    """Count the tokens of chat messages as the model will see them (:func:`chat_prompt_ids`)."""
     def count(messages: list[dict[str, str]]) -> int:
-        if getattr(tokenizer, "chat_template", None):
-            ids = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
-            if isinstance(ids, dict) or hasattr(ids, "keys"):
-                ids = ids["input_ids"]
-            return len(ids)
-        return len(tokenizer("\n\n".join(m["content"] for m in messages))["input_ids"])
+        return len(chat_prompt_ids(tokenizer, messages))
     return count
 
 

@@ -419,43 +419,10 @@ def running_server(app: Any, host: str = "127.0.0.1", port: int = 0, log_level: 
 # ---------------------------------------------------------------------------------- command line
 
 def _reward_fields() -> list[dataclasses.Field]:
-    from .rewards.persrm import PersRMReward
+    from .judge_settings import JudgeSettings
 
     # serve_url points a training run at a persrm serve; inside the server it has no meaning.
-    return [f for f in dataclasses.fields(PersRMReward) if f.init and f.name != "serve_url"]
-
-
-REWARD_HELP = {
-    "endpoint": "OpenAI-compatible server with the judge, e.g. http://127.0.0.1:8000 (vllm serve)",
-    "served_model": "model name on that server (default: the first it lists)",
-    "api_key_env": "environment variable holding that server's API key",
-    "api_key_file": "file holding that server's API key (instead of the variable)",
-    "model": "local judge checkpoint (CPU, batched), or smollm2-135m-instruct",
-    "backend": "judge backend name, pkg.mod:Class or file.py[:Class] (instead of endpoint/model)",
-    "backend_config": "JSON object of backend keyword arguments",
-    "mode": "score_diff, win_rate or pointwise",
-    "votes": "judgments per A/B order (test-time voting; needs temperature > 0)",
-    "temperature": "judge sampling temperature",
-    "max_new_tokens": "tokens the judge may write",
-    "max_response_chars": "policy response and reference are cut to this many characters (counted)",
-    "max_response_tokens": "... and to this many judge tokens (counted in candidate_truncated)",
-    "max_prompt_tokens": "judge prompt budget; exemplars are dropped to fit",
-    "chars_per_token": "ASCII characters per token where the judge cannot count tokens (other characters: "
-                       "one token per UTF-8 byte)",
-    "parse_retries": "extra sampled attempts for unreadable judgments",
-    "retry_temperature": "temperature of those attempts",
-    "failure_reward": "reward of a sample the judge could not score (default -1: failing never pays)",
-    "neutral_reward": "former name of failure_reward",
-    "deadline_s": "every reward call answers within this many seconds; unfinished judgments are cancelled "
-                  "and score failure_reward (keep under OpenRLHF's 180 s client timeout)",
-    "stop_failure_rate": "stop rule: share of failed samples above which a window counts as failed",
-    "stop_after_steps": "stop rule: this many failed windows in a row declare the judge down (503; 0: never)",
-    "stop_window": "stop rule: samples per window",
-    "probe_on_start": "judge one probe pair before serving; exit when the judge cannot answer",
-    "require_reasoning": "demand <think>...</think> before the answer",
-    "timeout": "seconds per judge request attempt",
-    "seed": "base seed of the judge's sampling",
-}
+    return [f for f in dataclasses.fields(JudgeSettings) if f.name != "serve_url"]
 
 
 def _flag_type(default: Any) -> Any:
@@ -474,6 +441,11 @@ def _parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
+def _shown(default: Any) -> str:
+    # the default as it reads in --reward_config JSON
+    return json.dumps(float(default) if isinstance(default, float) else default)
+
+
 def make_parser() -> argparse.ArgumentParser:
     """Flags of ``persrm serve``: server settings, then ``--reward.<field>`` for the reward."""
     parser = argparse.ArgumentParser(
@@ -484,11 +456,11 @@ def make_parser() -> argparse.ArgumentParser:
     group = parser.add_argument_group("reward", "the persrm reward plugin (also: --reward_config JSON)")
     group.add_argument("--reward_config", default="",
                        help="JSON object of reward settings, as in $PERSRM_REWARD_CONFIG; --reward.* flags override it")
-    for f in _reward_fields():
-        default = f.default if f.default is not dataclasses.MISSING else None
-        kind = {"backend_config": json.loads, "neutral_reward": float}.get(f.name) or _flag_type(default)
+    for f in _reward_fields():  # the judge settings: help and defaults from their one definition
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        kind = {"backend_config": json.loads, "neutral_reward": float, "failure_reward": float}.get(f.name) or _flag_type(default)
         group.add_argument(f"--reward.{f.name}", dest=f"reward__{f.name}", type=kind, default=None,
-                           help=f"{REWARD_HELP.get(f.name, '')} (default: {default!r})")
+                           help=f"{f.metadata.get('help', '')} (default: {_shown(default)})")
     return parser
 
 

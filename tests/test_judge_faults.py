@@ -1,8 +1,9 @@
 """The generative reward under real faults, against loopback judges (tests/_fault_judge.py).
 
 Each fault a long RLHF run meets (hung, refused, garbage, 500, slow, 401 judges) is driven
-through the ``persrm`` reward and through ``persrm serve``, asserting the time bound (deadline
-plus generous slack, never exact timings), the reward given, and what is logged or returned.
+through the ``persrm`` reward, through ``persrm serve`` and through the ``persrm_group`` trainer
+plugin (its hook called directly, no Ray), asserting the time bound (deadline plus generous
+slack, never exact timings), the reward given, and what is logged, returned or raised.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from openrlhf_persrm.rewards.persrm import PersRMReward
 from openrlhf_persrm.contracts import JudgeRequest
 from openrlhf_persrm.judge_format import build_messages
 from openrlhf_persrm.serve import ServeConfig, make_app, running_server
+from openrlhf_persrm.contracts import RolloutSample, RolloutStep
+from openrlhf_persrm.trainers.group import PersRMGroup
 
 EXEMPLARS = ["Up at six. Dog walked. Coffee, black.", "Rain again; I walked anyway, the dog does not care."]
 PROMPT = "<|im_start|>user\nYour morning?<|im_end|>\n<|im_start|>assistant\n"
@@ -118,6 +121,7 @@ def test_a_backend_without_deadline_support_is_abandoned_at_the_deadline():
     reward = PersRMReward(backend=Stuck(), deadline_s=0.5, stop_after_steps=0)
     out, elapsed = call(reward, ["a"])
     assert elapsed < 0.5 + SLACK and out.rewards == [-1.0] and out.extra_logs["judge_fail_deadline"] == [2.0]
+    assert reward.runner.handled.counts["backend_abandoned"] == 1  # counted, and logged at WARNING once
 
 
 # ------------------------------------------------------------------------ start-up probe and stop rule
@@ -289,3 +293,138 @@ def test_the_api_key_comes_from_a_file_or_the_environment(tmp_path, monkeypatch)
             reward.probe(timeout=5)
             reward.judge.close()
             assert set(judge.auth) == {expected}
+
+
+# ------------------------------------------------------------------------ persrm_group under the same faults
+
+def group_for(url: str, **kw) -> PersRMGroup:
+    config = dict(endpoint=url, served_model="persrm", deadline_s=DEADLINE, timeout=30.0, probe_on_start=False,
+                  stop_after_steps=0, strategy="all_pairs",
+                  backend_config={"retries": 1, "backoff": 0.05, "max_backoff": 0.1})
+    config.update(kw)
+    return PersRMGroup(**config)
+
+
+def group_call(plugin: PersRMGroup, responses: list[str]):
+    """The plugin's hook, called as the PPO trainer calls it (no Ray): one prompt group."""
+    step = RolloutStep(1, [RolloutSample(PROMPT, r, label(), 0.0, False, 0) for r in responses], len(responses))
+    start = time.monotonic()
+    out = plugin.on_rollout_step(step=step)
+    return out, time.monotonic() - start
+
+
+@pytest.mark.parametrize("fault, kind, deadline", [
+    ("hang", "deadline", DEADLINE), ("slow", "deadline", DEADLINE), ("500", "server_error", 10.0),
+    ("garbage", "malformed_body", 10.0), ("401", "fatal", 10.0), ("refuse", "unreachable", 10.0),
+])
+def test_each_fault_behind_persrm_group_has_the_outcome_it_has_behind_persrm(fault, kind, deadline, caplog):
+    caplog.set_level(logging.WARNING, logger="openrlhf_persrm")
+    responses = ["Up at six, dog walked.", "Coffee, black."]
+    with FaultJudge(fault if fault != "refuse" else "ok", delay=5.0) as judge:
+        url = judge.url if fault != "refuse" else f"http://127.0.0.1:{closed_port()}"
+        group, reward = group_for(url, deadline_s=deadline), reward_for(url, deadline_s=deadline)
+        try:
+            out, elapsed = group_call(group, responses)
+            expected, _ = call(reward, responses)
+        finally:
+            group.judge.close()
+            reward.judge.close()
+    assert elapsed < deadline + SLACK, elapsed  # the step's judging is bounded by deadline_s
+    assert out.rewards == expected.rewards == [-1.0, -1.0]  # failure_reward, as behind persrm (never 0)
+    assert out.metrics[f"group_judge_fail_{kind}"] == 2 and out.metrics["group_judge_failed"] == 1.0
+    assert group.health.snapshot()["failures"] == {kind: 2}  # both orders of the one comparison
+    assert reward.health.snapshot()["failures"] == {kind: 4}
+    assert f"judge failure '{kind}' first seen" in caplog.text
+
+
+def test_persrm_group_against_a_working_served_judge_ranks_by_style():
+    with FaultJudge("ok") as judge:
+        group = group_for(judge.url, deadline_s=20)
+        out, _ = group_call(group, ["Up at six, the dog walked, coffee black.", "Slept in; brunch downtown."])
+        group.judge.close()
+    assert out.rewards[0] > 0 > out.rewards[1] and out.metrics["group_judge_failed"] == 0.0
+
+
+def test_the_stop_rule_ends_a_persrm_group_run_with_the_cause():
+    group = group_for(f"http://127.0.0.1:{closed_port()}", stop_failure_rate=0.5, stop_after_steps=2,
+                      stop_window=2, deadline_s=10.0)
+    out, _ = group_call(group, ["a", "b"])  # window 1 fails
+    assert out.rewards == [-1.0, -1.0] and group.health.snapshot()["state"] == "degraded"
+    with pytest.raises(JudgeUnavailable, match="unreachable") as err:
+        group_call(group, ["a", "b"])  # window 2 fails: two in a row
+    assert "stop_after_steps=2" in str(err.value) and "connection error" in str(err.value)
+    with pytest.raises(JudgeUnavailable):
+        group_call(group, ["a"])  # and every later step, at once
+    group.judge.close()
+
+
+@pytest.mark.parametrize("fault, cause", [("401", "refused the API key (HTTP 401)"), ("refuse", "connection error")])
+def test_persrm_group_probes_the_judge_before_its_first_step(fault, cause):
+    with FaultJudge(fault if fault != "refuse" else "ok") as judge:
+        url = judge.url if fault != "refuse" else f"http://127.0.0.1:{closed_port()}"
+        group = group_for(url, probe_on_start=True, deadline_s=10.0)
+        with pytest.raises(JudgeUnavailable, match="start-up probe") as err:
+            group_call(group, ["a", "b"])
+        group.judge.close()
+    assert cause in str(err.value) and judge.stats["/v1/chat/completions"] <= 4  # the probe alone
+
+
+def test_persrm_group_against_a_server_that_never_answers_returns_by_its_deadline():
+    with FaultJudge("hang") as server:  # accepts every request and never answers
+        group = PersRMGroup(serve_url=server.url, deadline_s=DEADLINE, probe_on_start=False, strategy="all_pairs",
+                            serve_batch=1)
+        out, elapsed = group_call(group, ["a", "b", "c"])
+        assert server.stats["hanging"] == 3  # the three requests went out together, not one after another
+    assert elapsed < DEADLINE + SLACK, elapsed
+    assert out.rewards == [-1.0] * 3 and out.metrics["group_judge_fail_deadline"] == 6
+
+
+def test_persrm_group_through_serve_with_a_hung_or_garbage_judge_gets_the_failure_reward():
+    for fault, kind in (("hang", "deadline"), ("garbage", "malformed_body")):
+        with FaultJudge(fault) as judge:
+            reward = reward_for(judge.url, deadline_s=DEADLINE if fault == "hang" else 10.0)
+            with running_server(make_app(reward, ServeConfig())) as url:
+                group = PersRMGroup(serve_url=url, deadline_s=20.0, probe_on_start=False, strategy="all_pairs")
+                out, elapsed = group_call(group, ["Up at six.", "Coffee, black."])
+            reward.judge.close()
+        assert out.rewards == [-1.0, -1.0] and out.metrics[f"group_judge_fail_{kind}"] == 2, (fault, out.metrics)
+        assert group.health.snapshot()["failures"] == {kind: 2}
+        if fault == "hang":
+            assert elapsed < DEADLINE + SLACK  # the server's deadline answered, not the group's
+
+
+def test_persrm_group_stops_when_persrm_serve_says_its_judge_is_down():
+    reward = reward_for(f"http://127.0.0.1:{closed_port()}", stop_after_steps=1, stop_window=1, deadline_s=10.0)
+    with pytest.raises(JudgeUnavailable):
+        call(reward, ["a"])  # the server's own stop rule trips: it now answers 503
+    with running_server(make_app(reward, ServeConfig())) as url:
+        for probe in (True, False):  # at start-up, or on a step
+            group = PersRMGroup(serve_url=url, probe_on_start=probe, strategy="all_pairs")
+            with pytest.raises(JudgeUnavailable, match="answered 503, the judge is down: .*stop_after_steps=1"):
+                group_call(group, ["a", "b"])
+    reward.judge.close()
+
+
+def test_persrm_group_probes_each_server_at_start_up():
+    group = PersRMGroup(serve_url=f"http://127.0.0.1:{closed_port()}", strategy="all_pairs")
+    with pytest.raises(JudgeUnavailable, match=r"persrm serve at .* failed the start-up probe \(unreachable\)"):
+        group_call(group, ["a", "b"])
+    with FaultJudge("401") as judge:
+        reward = reward_for(judge.url)
+        with running_server(make_app(reward, ServeConfig())) as url:
+            group = PersRMGroup(serve_url=url, strategy="all_pairs")
+            with pytest.raises(JudgeUnavailable, match=r"judge behind persrm serve .* failed the start-up probe "
+                                                       r"\(fatal\)"):
+                group_call(group, ["a", "b"])
+        reward.judge.close()
+
+
+def test_persrm_group_counts_a_refusing_server_as_failed_judgments():
+    from _judge_stubs import StubJudge
+
+    reward = PersRMReward(backend=StubJudge())
+    with running_server(make_app(reward, ServeConfig(token="s3cret"))) as url:  # the group sends no token
+        group = PersRMGroup(serve_url=url, probe_on_start=False, strategy="all_pairs", serve_batch=1)
+        out, _ = group_call(group, ["a", "b", "c"])
+    assert out.rewards == [-1.0] * 3 and out.metrics["group_judge_fail_fatal"] == 6
+    assert group.health.snapshot()["failures"] == {"fatal": 6}

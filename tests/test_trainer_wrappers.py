@@ -36,8 +36,9 @@ def test_trainer_plugins_reach_the_workers_with_absolute_paths(tmp_path, monkeyp
 
 
 def test_group_plugin_without_a_reward_gets_the_placeholder():
-    prep = train_ppo_ray.prepare(CPU + ["--trainer_plugin", "persrm_group",
-                                        "--trainer_plugin_config", '{"backend": "local", "strategy": "all_pairs"}'])
+    config = {"endpoint": "http://127.0.0.1:9", "served_model": "persrm", "strategy": "all_pairs"}
+    prep = train_ppo_ray.prepare(CPU + ["--trainer_plugin", "persrm_group", "--trainer_plugin_config",
+                                        json.dumps(config)])
     assert _flag(prep.tokens, "--reward.remote_url") == train_ppo_ray.reward_entry_file()
     assert prep.env["PERSRM_REWARD_PLUGIN"] == PENDING_REWARD
 
@@ -52,6 +53,13 @@ def test_group_plugin_without_a_reward_gets_the_placeholder():
     (["--trainer_plugin", "persrm_eval", "--trainer_plugin_config", '{"eval_steps": 2}'], "persrm_eval: set pairs"),
     (["--trainer_plugin", "persrm_group", "--trainer_plugin_config", '{"backend": "x", "kk": 1}'],
      "rejects its configuration.*Accepted keys"),
+    # a judge that cannot start is refused here, not by every judgment later inside Ray
+    (["--trainer_plugin", "persrm_group", "--trainer_plugin_config", '{"backend": "local"}'],
+     "backend='local' without a checkpoint; set model=PATH"),
+    (["--trainer_plugin", "persrm_group", "--trainer_plugin_config", '{"model": "/no/such/judge"}'],
+     "model='/no/such/judge' is not a local checkpoint folder"),
+    (["--trainer_plugin", "persrm_group", "--trainer_plugin_config", '{"backend": "x", "timeout": 0}'],
+     "persrm_group: timeout=0; use a positive number"),
 ])
 def test_bad_trainer_flags_fail_in_the_wrapper(extra, match):
     with pytest.raises((WrapperError, ValueError), match=match):

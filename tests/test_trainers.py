@@ -2,6 +2,7 @@
 
 import json
 import math
+import pickle
 
 import pytest
 from _judge_stubs import StubJudge
@@ -147,7 +148,7 @@ def test_comparison_strategies():
 @pytest.mark.parametrize("strategy, k", [("circular", 1), ("circular", 2), ("all_pairs", 1)])
 def test_group_rewards_order_samples_as_the_judge_does_in_one_batch(strategy, k):
     judge = StubJudge()  # scores a candidate by its SCORE=n marker
-    plugin = PersRMGroup(backend=judge, strategy=strategy, k=k, parse_retries=0)
+    plugin = PersRMGroup(backend=judge, strategy=strategy, k=k, parse_retries=0, probe_on_start=False)
     groups = [[3, 9, 6, 1], [7, 2, 5, 8]]
     out = plugin.on_rollout_step(step=group_step(groups))
     for g, scores in enumerate(groups):
@@ -160,6 +161,19 @@ def test_group_rewards_order_samples_as_the_judge_does_in_one_batch(strategy, k)
     assert out.metrics["group_judgments"] == 2 * 2 * n_pairs and out.metrics["group_judge_failed"] == 0
 
 
+def test_the_judge_is_probed_once_before_the_first_step():
+    judge = StubJudge()
+    plugin = PersRMGroup(backend=judge, strategy="all_pairs", parse_retries=0)
+    plugin.on_rollout_step(step=group_step([[3, 9]]))
+    assert judge.calls["batches"] == 2 and judge.seen[0]["response_a"] == ["Hello."]  # the probe, then the step
+    plugin.on_rollout_step(step=group_step([[3, 9]]))
+    assert judge.calls["batches"] == 3  # not again
+    clone = pickle.loads(pickle.dumps(plugin))  # a worker probes its own judge
+    before = clone.judge.calls["batches"]
+    clone.on_rollout_step(step=group_step([[3, 9]]))
+    assert clone.judge.calls["batches"] == before + 2
+
+
 def test_both_slots_cancel_position_bias():
     plugin = PersRMGroup(backend=StubJudge(bias_a=3), strategy="all_pairs", parse_retries=0)
     out = plugin.on_rollout_step(step=group_step([[5, 5, 7]]))
@@ -168,26 +182,55 @@ def test_both_slots_cancel_position_bias():
 
 def test_judge_failures_are_masked_counted_and_never_flatter():
     judge = StubJudge()  # candidates containing FAIL get a JudgeError
-    plugin = PersRMGroup(backend=judge, strategy="all_pairs", parse_retries=0)
+    plugin = PersRMGroup(backend=judge, strategy="all_pairs", parse_retries=0, probe_on_start=False)
     out = plugin.on_rollout_step(step=group_step([[2, "FAIL SCORE=10", 6, 4]]))
     r = out.rewards
-    assert r[1] == min(r)  # no readable judgment: its group's lowest, never its SCORE=10
-    assert r[2] > r[3] > r[0]  # the others are ranked from the judgments that worked
+    assert r[1] == -1.0  # no readable judgment: failure_reward, never its SCORE=10
+    assert r[2] > r[3] > r[0] > -1.0  # the others are ranked from the judgments that worked
     assert out.metrics["group_judge_failed"] == pytest.approx(6 / 12)
+    assert out.metrics["group_judge_fail_judge_error"] == 6
     assert out.metrics["group_unjudged_samples"] == 1
-    assert margins_to_rewards(2, 2, [(0, 1, None, None)]) == ([0.0, 0.0], [0, 0])
+    assert margins_to_rewards(2, 2, [(0, 1, None, None)]) == ([-1.0, -1.0], [0, 0])
+    assert margins_to_rewards(2, 2, [(0, 1, None, None)], failure_reward=-0.5) == ([-0.5, -0.5], [0, 0])
+    snapshot = plugin.health.snapshot()  # the stop rule saw the step: 4 samples asked, 1 failed
+    assert snapshot["samples"] == 4 and snapshot["failed_samples"] == 1 and snapshot["failures"] == {"judge_error": 6}
+
+
+def test_a_group_with_no_readable_judgment_gets_the_failure_reward_not_zero():
+    plugin = PersRMGroup(backend=StubJudge(garble_greedy=True), strategy="all_pairs", parse_retries=0,
+                         probe_on_start=False, failure_reward=-0.75)
+    out = plugin.on_rollout_step(step=group_step([[2, 9, 6]]))
+    assert out.rewards == [-0.75] * 3
+    assert out.metrics["group_judge_fail_no_reasoning"] == 6 and out.metrics["group_unjudged_samples"] == 3
+    bad = group_step([[2, 9]], label={"exemplars": []})
+    out = plugin.on_rollout_step(step=bad)
+    assert out.rewards == [-0.75, -0.75] and out.metrics["group_bad_label"] == 2
+
+
+@pytest.mark.parametrize("mode, expected", [("score_diff", [-4 / 9, 4 / 9]), ("win_rate", [-1.0, 1.0]),
+                                            ("pointwise", [(3 - 5.5) / 4.5, (7 - 5.5) / 4.5])])
+def test_the_mode_decides_how_a_judgment_counts(mode, expected):
+    plugin = PersRMGroup(backend=StubJudge(), strategy="all_pairs", parse_retries=0, mode=mode)
+    assert plugin.on_rollout_step(step=group_step([[3, 7]])).rewards == pytest.approx(expected)
+
+
+def test_votes_judge_each_order_with_their_own_seeds():
+    judge = StubJudge()
+    plugin = PersRMGroup(backend=judge, strategy="all_pairs", votes=3, temperature=0.7, seed=10,
+                         probe_on_start=False)
+    out = plugin.on_rollout_step(step=group_step([[3, 7]]))
+    assert sorted(judge.seeds) == [10, 10, 11, 11, 12, 12] and out.metrics["group_judgments"] == 6
 
 
 def test_reference_may_join_the_group_and_add_combines():
     plugin = PersRMGroup(backend=StubJudge(), strategy="all_pairs", include_reference=True, combine="add",
-                         parse_retries=0)
+                         parse_retries=0, probe_on_start=False)
     step = group_step([[9, 1]])
     step = RolloutStep(1, [RolloutSample(s.prompt, s.response, s.label, 10.0, False, 0) for s in step.samples], 2)
     out = plugin.on_rollout_step(step=step)
     assert out.rewards[0] > 10.0 > out.rewards[1]  # added to the existing rewards
-    judge = plugin.judge_reward.judge
     assert any("REF SCORE=5" in seen["response_a"][0] or "REF SCORE=5" in seen["response_b"][0]
-               for seen in judge.seen)
+               for seen in plugin.judge.seen)
 
 
 def test_group_through_persrm_serve_batches_requests():
@@ -200,8 +243,9 @@ def test_group_through_persrm_serve_batches_requests():
         out = plugin.on_rollout_step(step=group_step([[3, 9, 6, 1], [7, 2, 5, 8]]))
     assert sorted(range(4), key=lambda i: out.rewards[i]) == [3, 0, 2, 1]
     assert sorted(range(4), key=lambda i: out.rewards[4 + i]) == [1, 2, 0, 3]
-    assert judge.calls["requests"] == 2 * 2 * 6  # both orders of every comparison, judged in the server
-    assert judge.calls["batches"] == math.ceil(12 / 5)  # one backend batch per /get_reward request
+    # the probe (one item, both orders), then both orders of every comparison, judged in the server
+    assert judge.calls["requests"] == 2 + 2 * 2 * 6
+    assert judge.calls["batches"] == 1 + math.ceil(12 / 5)  # one backend batch per /get_reward request
 
 
 def test_group_config_errors_name_the_fix():
@@ -209,6 +253,13 @@ def test_group_config_errors_name_the_fix():
         PersRMGroup()
     with pytest.raises(ValueError, match="strategy='ring'"):
         PersRMGroup(backend="x", strategy="ring")
+    with pytest.raises(ValueError, match="persrm_group: backend='local' without a checkpoint; set model=PATH"):
+        PersRMGroup(backend="local")
+    with pytest.raises(ValueError, match=r"persrm_group: with serve_url .* votes=3.*--reward.votes"):
+        PersRMGroup(serve_url="http://127.0.0.1:9", votes=3, temperature=0.7)
+    # what the group decides itself, with the judging in the server
+    plugin = PersRMGroup(serve_url="http://127.0.0.1:9", deadline_s=5, failure_reward=-0.5, stop_after_steps=1)
+    assert plugin.deadline_s == 5 and plugin.failure_reward == -0.5
 
 
 # --------------------------------------------------------------------------- order consistency

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Sequence
 
 from ..contracts import JudgeError, JudgeRequest
+from ..judge_format import chat_prompt_ids
 from ._runtime import RebuiltAfterPickling
 from .faults import JudgeDeadline, JudgeRejected, JudgeTimeout
 
@@ -112,13 +113,7 @@ class LocalJudge(RebuiltAfterPickling):
         return len(self._encode(messages))
 
     def _encode(self, messages: list[dict[str, str]]) -> list[int]:
-        tok = self.tokenizer
-        if getattr(tok, "chat_template", None):
-            ids = tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
-            if isinstance(ids, dict) or hasattr(ids, "keys"):
-                ids = ids["input_ids"]
-            return list(ids)
-        return tok("\n\n".join(m["content"] for m in messages) + "\n\n", add_special_tokens=False)["input_ids"]
+        return chat_prompt_ids(self.tokenizer, messages)
 
     # ------------------------------------------------------------------ generation
     @property
@@ -140,8 +135,9 @@ class LocalJudge(RebuiltAfterPickling):
                  deadline: float | None = None) -> list[str | JudgeError]:
         """Judge outputs in request order; a request that fails or times out gets a :class:`JudgeError`.
 
-        ``deadline`` (a ``time.monotonic()`` value) bounds the wait as ``timeout`` does: judgments
-        not done by then are aborted and returned as :class:`~.faults.JudgeDeadline`.
+        ``deadline`` (a ``time.monotonic()`` value) bounds the whole call, tokenising included, as
+        ``timeout`` bounds the wait: judgments not done by then are aborted (requests not yet
+        tokenised are never submitted) and returned as :class:`~.faults.JudgeDeadline`.
         """
         from ..cpu.vllm_standin import SamplingParams
 
@@ -149,6 +145,12 @@ class LocalJudge(RebuiltAfterPickling):
         out: list[str | JudgeError] = [JudgeError("not run")] * len(requests)
         pending: dict[concurrent.futures.Future, tuple[int, str]] = {}
         for i, req in enumerate(requests):
+            if deadline is not None and time.monotonic() >= deadline:
+                self.stats["deadline"] += 1
+                out[i] = JudgeDeadline("local judge: the deadline passed before this request was tokenised")
+                if progress is not None:
+                    progress.update(1)
+                continue
             try:
                 params = SamplingParams(temperature=req.temperature, seed=req.seed, max_tokens=req.max_new_tokens)
                 request_id = f"judge-{id(self):x}-{threading.get_ident():x}-{time.monotonic_ns()}-{i}"
