@@ -105,6 +105,10 @@ class PairConfig:
     types_per_paragraph: int = _help(
         "How many different negative types each target paragraph gets (types are assigned in a balanced, "
         "seeded rotation).", default=1)
+    replacement_first: bool = _help(
+        "minor_replacement goes first to the targets whose text has enough replaceable words (checked with "
+        "WordNet when planning; the other types rotate over the rest), instead of to every fourth target: more "
+        "synonym-swap pairs, none planned only to fail as too_few_replaceable.", default=False)
     max_exemplars: int = _help("At most this many exemplars per pair (the count is drawn from "
                                "[min_exemplars, max_exemplars]).", default=3)
     min_exemplars: int = _help("At least this many exemplars per pair; paragraphs without enough are skipped.",

@@ -150,7 +150,22 @@ def select_paragraphs(paragraphs: Sequence[Paragraph], cfg: SynthConfig) -> list
     return out
 
 
-def plan_tasks(paragraphs: Sequence[Paragraph], cfg: SynthConfig) -> Plan:
+def _types_for(p: Paragraph, rank: int, continuation: str, types: list[str], cfg: SynthConfig,
+               wordnet: Any) -> list[str]:
+    """The negative types of one target: a seeded rotation; with ``--pairs.replacement_first``,
+    ``minor_replacement`` first wherever the text has enough replaceable words, never where it has not."""
+    k = cfg.pairs.types_per_paragraph
+    if not (cfg.pairs.replacement_first and "minor_replacement" in types and wordnet is not None):
+        return [types[(rank + j) % len(types)] for j in range(k)]
+    others = [t for t in types if t != "minor_replacement"]
+    rng = random.Random(seeded_key(cfg.seed, "negative", f"{p.uid}:minor_replacement", 0))
+    feasible = minor_replacement(continuation, wordnet, rng, min_replaced=cfg.pairs.min_replaced,
+                                 max_replaced=cfg.pairs.max_replaced) is not None
+    head = ["minor_replacement"] if feasible else []
+    return head + [others[(rank + j) % len(others)] for j in range(min(k - len(head), len(others)))]
+
+
+def plan_tasks(paragraphs: Sequence[Paragraph], cfg: SynthConfig, wordnet: Any = None) -> Plan:
     """Every pair this run will try to make, in a deterministic order.
 
     Every text is put in one typography first (:func:`~data_synth.text.normalize_typography`),
@@ -210,8 +225,7 @@ def plan_tasks(paragraphs: Sequence[Paragraph], cfg: SynthConfig) -> Plan:
             chosen_ex = options[:k]
             same_work = any(e.work == p.work for e in chosen_ex)
             prompt, continuation = cut[p.uid]
-            for j in range(cfg.pairs.types_per_paragraph):
-                ntype = types[(rank + j) % len(types)]
+            for ntype in _types_for(p, rank, continuation, types, cfg, wordnet):
                 if ntype == "cross_author" and neutral:
                     t_prompt, t_chosen = NEUTRAL_PROMPT, p.text
                 else:
@@ -288,10 +302,11 @@ async def make_negative(task: PairTask, ctx: Context) -> tuple[str | None, dict[
                                        temperature=cfg.teacher.temperature,
                                        seed=_int_seed(seed, "teacher_negative", task.id, attempt))
             raw = await ctx.teacher.chat(request)
-            if truncated(raw):
+            max_words = int(n_words * cfg.pairs.max_length_ratio)
+            text = clean_continuation(raw, task.prompt, max_words=max_words)
+            if truncated(raw) and not _cut_before_the_limit(raw, text, task.prompt):
                 reasons["truncated"] += 1  # cut at --teacher.max_tokens: it would end mid-sentence
                 continue
-            text = clean_continuation(raw, task.prompt, max_words=int(n_words * cfg.pairs.max_length_ratio))
             provenance["source"] = "teacher:" + str(ctx.teacher.identity.get("model"))
         else:  # guarded by the config; kept for third-party types
             raise ValueError(f"unknown negative type {task.negative_type!r}")
@@ -301,6 +316,15 @@ async def make_negative(task: PairTask, ctx: Context) -> tuple[str | None, dict[
             return text, provenance, reasons
         reasons[reason] += 1
     return None, {}, reasons
+
+
+def _cut_before_the_limit(raw: str, text: str, prompt: str) -> bool:
+    """A reply cut at ``--teacher.max_tokens`` is still usable when the continuation kept from it is whole
+    sentences that end well before the cut (the length limit, not the token limit, ended it)."""
+    from .negatives import ends_sentence
+
+    return (bool(text) and ends_sentence(text)
+            and count_words(text) < count_words(clean_continuation(raw, prompt)) - 5)
 
 
 async def teacher_trace(task: PairTask, rejected: str, position: str, ctx: Context) -> tuple[dict | None, Counter]:
@@ -754,7 +778,12 @@ def run_synth(cfg: SynthConfig, *, teacher: Any = None) -> dict[str, Any]:
 
     corpus = load_input(cfg)
     paragraphs = select_paragraphs(corpus.paragraphs, cfg)
-    plan = plan_tasks(paragraphs, cfg)
+    if "minor_replacement" in cfg.pairs.negative_types:
+        from .lexicon import find_wordnet_dir, load_wordnet
+        wordnet = load_wordnet(find_wordnet_dir(cfg.pairs.wordnet_dir))
+    else:
+        wordnet = None
+    plan = plan_tasks(paragraphs, cfg, wordnet)
     if not plan.tasks:
         raise ValueError("no pair can be made from this input with these settings (see --corpus.* and "
                          "--pairs.min_continuation_words); use more paragraphs per author")
@@ -777,11 +806,6 @@ def run_synth(cfg: SynthConfig, *, teacher: Any = None) -> dict[str, Any]:
     else:
         write_jsonl_text(sig_path, json.dumps(signature, indent=2, sort_keys=True))
 
-    if "minor_replacement" in cfg.pairs.negative_types:
-        from .lexicon import find_wordnet_dir, load_wordnet
-        wordnet = load_wordnet(find_wordnet_dir(cfg.pairs.wordnet_dir))
-    else:
-        wordnet = None
     own_teacher = teacher is None
     if teacher is None:
         teacher = build_teacher(cfg, work_dir)
