@@ -81,9 +81,6 @@ class JudgeHealth:
     _probe_at: float = 0.0
     _lock: Any = field(default_factory=threading.Lock, repr=False)
 
-    def __post_init__(self) -> None:
-        self._cooldown = self.cooldown_s
-
     def __getstate__(self) -> dict[str, Any]:  # ships fresh to a Ray worker
         return {"threshold": self.threshold, "steps": self.steps, "window": self.window,
                 "summary_every_s": self.summary_every_s, "cooldown_s": self.cooldown_s,
@@ -120,7 +117,7 @@ class JudgeHealth:
                 self._bad_windows = self._bad_windows + 1 if rate > self.threshold else 0
                 if self.steps and self._bad_windows >= self.steps and self.stopped is None:
                     self.stopped = tripped = self._cause(rate)
-                    self.breaker, self._stopped_at = OPEN, now
+                    self.breaker, self._stopped_at, self._cooldown = OPEN, now, self.cooldown_s
                     self._probe_at = now + self._cooldown
             if self.kinds and now - self._last_summary >= self.summary_every_s:
                 self._last_summary = now
@@ -202,8 +199,8 @@ class JudgeHealth:
             with self._lock:
                 self.failed_probes += 1
                 self.breaker = OPEN
-                self._probe_at = time.monotonic() + self._cooldown
-                wait, self._cooldown = self._cooldown, min(self._cooldown * 2, self.max_cooldown_s)
+                wait = self._cooldown = min(self._cooldown * 2, self.max_cooldown_s)
+                self._probe_at = time.monotonic() + wait
             logger.warning("persrm: judge still down, the probe failed (%s: %s); next probe in %.0f s",
                            type(exc).__name__, exc, wait)
             return False
@@ -211,7 +208,6 @@ class JudgeHealth:
             cause, down_for = self.stopped, time.monotonic() - self._stopped_at
             self.breaker, self.stopped = CLOSED, None
             self.recoveries += 1
-            self._cooldown = self.cooldown_s
             self._bad_windows, self._win = 0, [0, 0]
             self._recent.clear()
             self._recent_sums = [0, 0]
