@@ -39,10 +39,17 @@ class RequestClock:
     arrived: float
     deadline_s: float | None
 
+    @staticmethod
+    def deadline_of(reward: Any) -> float | None:
+        """The reward's ``deadline_s`` when it has a usable one."""
+        value = getattr(reward, "deadline_s", None)
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+        return float(value) if ok else None
+
     @classmethod
-    def start(cls, deadline_s: Any) -> RequestClock:
-        ok = isinstance(deadline_s, (int, float)) and not isinstance(deadline_s, bool) and deadline_s > 0
-        return cls(time.monotonic(), float(deadline_s) if ok else None)
+    def start(cls, deadline_s: float | None) -> RequestClock:
+        """A clock started now, for a reward with ``deadline_s`` (from :meth:`deadline_of`)."""
+        return cls(time.monotonic(), deadline_s)
 
     def reward_kwargs(self) -> dict[str, float]:
         """``deadline=`` for the reward's call and ``judge_pair`` (nothing when there is no deadline)."""

@@ -43,7 +43,7 @@ class ServerState:
 
     def __post_init__(self) -> None:
         self.token = self.cfg.token.encode("utf-8")
-        self.deadline_s = RequestClock.start(getattr(self.reward, "deadline_s", None)).deadline_s
+        self.deadline_s = RequestClock.deadline_of(self.reward)
         self.admission = Admission(self.cfg, getattr(self.reward, "health", None))
         self.gate = JudgeGate(self.reward)
 
