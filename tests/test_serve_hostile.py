@@ -205,33 +205,81 @@ class SlowCountingJudge(StubJudge):
         return len(text) // 4
 
 
-def test_label_preparation_and_a_joining_retry_both_count_against_the_deadline():
+def _send_twice(url: str, body: bytes, gap_s: float) -> dict[str, tuple[float, httpx.Response]]:
+    """The body, then the same body again ``gap_s`` later (OpenRLHF's retry), concurrently."""
+    replies: dict[str, tuple[float, httpx.Response]] = {}
+
+    def send(name: str) -> None:
+        start = time.monotonic()
+        response = post(url, "/get_reward", body)
+        replies[name] = (time.monotonic() - start, response)
+
+    first = threading.Thread(target=send, args=("first",))
+    first.start()
+    time.sleep(gap_s)
+    send("retry")
+    first.join()
+    return replies
+
+
+def _wait_idle(url: str) -> None:
+    until = time.monotonic() + 30  # the computation left running ends on its own
+    while httpx.get(url + "/health").json()["judge"]["in_flight"] and time.monotonic() < until:
+        time.sleep(0.2)
+    assert httpx.get(url + "/health").json()["judge"]["in_flight"] == 0
+
+
+def test_label_preparation_counts_against_the_deadline():
     deadline = 1.0
     reward = PersRMReward(backend=SlowCountingJudge(), deadline_s=deadline, stop_after_steps=0)
     body = reward_body([PROMPT + f"s{i} SCORE=9" for i in range(8)], [LABEL] * 8)  # ~4 s of preparation
     with running_server(make_app(reward)) as url:
-        replies: dict[str, tuple[float, httpx.Response]] = {}
-
-        def send(name: str) -> None:
-            start = time.monotonic()
-            response = post(url, "/get_reward", body)
-            replies[name] = (time.monotonic() - start, response)
-
-        first = threading.Thread(target=send, args=("first",))
-        first.start()
-        time.sleep(0.4)
-        send("retry")  # OpenRLHF's retry of the same body joins the running computation
-        first.join()
-        for name, (elapsed, response) in replies.items():
+        for name, (elapsed, response) in _send_twice(url, body, 0.4).items():
             out = response.json()
             assert response.status_code == 200 and elapsed < deadline + SLACK, (name, elapsed)
             assert out["rewards"] == [-1.0] * 8 and out["extra_logs"]["judge_fail_deadline"] == [1.0] * 8
-        health = httpx.get(url + "/health").json()
-        assert health["overdue"] == 2 and health["retried"] == 1 and health["judge"]["in_flight"] == 1
-        until = time.monotonic() + 30  # the computation still runs; it ends on its own
-        while httpx.get(url + "/health").json()["judge"]["in_flight"] and time.monotonic() < until:
-            time.sleep(0.2)
-        assert httpx.get(url + "/health").json()["judge"]["in_flight"] == 0
+        _wait_idle(url)
+
+
+class StuckReward:
+    """A reward call that overruns its deadline until released (a stuck tokenizer, a backend that
+    ignores its deadline), with the real health record the server reads."""
+
+    name = "stuck"
+    deadline_s = 1.0
+    failure_reward = -1.0
+
+    def __init__(self) -> None:
+        self.health = JudgeHealth()
+        self.release = threading.Event()
+        self.calls = 0
+
+    def __call__(self, queries, prompts, labels, **kwargs):
+        from openrlhf_persrm.contracts import RewardOutput
+
+        self.calls += 1
+        self.release.wait(60)
+        return RewardOutput([0.5] * len(queries), [0.75] * len(queries), {})
+
+
+def test_every_answer_and_a_joining_retry_keep_their_own_deadline_whatever_runs_behind():
+    reward = StuckReward()
+    body = reward_body([PROMPT + "a", PROMPT + "b"], [LABEL] * 2)
+    with running_server(make_app(reward)) as url:
+        try:
+            replies = _send_twice(url, body, 0.4)
+            for name, (elapsed, response) in replies.items():
+                out = response.json()
+                assert response.status_code == 200 and elapsed < reward.deadline_s + SLACK, (name, elapsed)
+                assert out["rewards"] == [-1.0] * 2 and out["extra_logs"]["judge_fail_deadline"] == [1.0] * 2
+            health = httpx.get(url + "/health").json()
+            assert reward.calls == 1 and health["retried"] == 1  # the retry joined, it did not start again
+            assert health["overdue"] == 2 and health["judge"]["in_flight"] == 1
+        finally:
+            reward.release.set()
+        _wait_idle(url)
+        late = post(url, "/get_reward", body).json()  # a later retry gets the answer that came late
+        assert late["rewards"] == [0.5, 0.5] and reward.calls == 1
 
 
 # --------------------------------------------------------------------------- /health
