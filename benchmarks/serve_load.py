@@ -9,10 +9,11 @@ OpenRLHF's one-sample ``/get_reward`` requests back to back for ``--seconds`` (d
 so nothing comes from the retry cache). Phase 1: the judge answers. Phase 2: the judge hangs
 (accepts every request, never answers): every answer must come back by the reward's
 ``deadline_s`` (``--deadline``), with the failure reward, and nothing may be lost. Prints
-requests/s, p50/p99 latency and errors per phase, then ``name=value`` lines, last
-``p99_hung_over_deadline=<ratio>`` (below 1: the p99 stayed under the deadline), after the same
-ratio measured inside the server (``Server-Timing``: arrival to answer), which leaves out the
-time the clients' own process waits for a CPU.
+requests/s, p50/p99 latency and errors per phase, then ``name=value`` lines: the hung phase's
+p99 of ``/get_reward`` over ``deadline_s`` and over OpenRLHF's 180 s client timeout (both below 1:
+the target, on an idle machine), each also measured inside the server (``Server-Timing``: arrival
+to answer), which leaves out the time the clients' own process waits for a CPU; last
+``p99_hung_over_deadline=<ratio>``.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
+#: OpenRLHF 0.11.2's HTTP reward client gives up on a request after this many seconds (aiohttp total timeout).
+OPENRLHF_TIMEOUT_S = 180.0
 PROMPT = "<|im_start|>user\nHow was your morning?<|im_end|>\n<|im_start|>assistant\n"
 LABEL = {"exemplars": ["Up at six. Dog walked. Coffee, black.", "Rain again; I walked anyway."],
          "reference": "Up early, walked the dog, coffee black.", "prompt": "How was your morning?"}
@@ -36,27 +39,26 @@ LABEL = {"exemplars": ["Up at six. Dog walked. Coffee, black.", "Rain again; I w
 
 async def client(http: Any, url: str, i: int, until: float, latencies: list[float], errors: list[str],
                  rewards: list[float], server_side: list[float]) -> None:
-    if True:
-        n = 0
-        while time.monotonic() < until:
-            body = {"query": [f"{PROMPT}client {i} answer {n}: up at seven, dog walked.<|im_end|>"],
-                    "prompts": [PROMPT], "labels": [LABEL]}
-            n += 1
-            start = time.monotonic()
-            try:
-                response = await http.post(url + "/get_reward", json=body)
-                if response.status_code != 200:
-                    errors.append(f"HTTP {response.status_code}")
-                    continue
-                rewards.extend(response.json()["rewards"])
-                timing = response.headers.get("server-timing", "")
-                if "dur=" in timing:
-                    server_side.append(float(timing.split("dur=")[1]) / 1000)
-            except Exception as exc:  # noqa: BLE001 -- counted
-                errors.append(type(exc).__name__)
+    n = 0
+    while time.monotonic() < until:
+        body = {"query": [f"{PROMPT}client {i} answer {n}: up at seven, dog walked.<|im_end|>"],
+                "prompts": [PROMPT], "labels": [LABEL]}
+        n += 1
+        start = time.monotonic()
+        try:
+            response = await http.post(url + "/get_reward", json=body)
+            if response.status_code != 200:
+                errors.append(f"HTTP {response.status_code}")
                 continue
-            finally:
-                latencies.append(time.monotonic() - start)
+            rewards.extend(response.json()["rewards"])
+            timing = response.headers.get("server-timing", "")
+            if "dur=" in timing:
+                server_side.append(float(timing.split("dur=")[1]) / 1000)
+        except Exception as exc:  # noqa: BLE001 -- counted
+            errors.append(type(exc).__name__)
+            continue
+        finally:
+            latencies.append(time.monotonic() - start)
 
 
 def phase(name: str, url: str, clients: int, seconds: float) -> dict[str, float]:
@@ -70,7 +72,7 @@ def phase(name: str, url: str, clients: int, seconds: float) -> dict[str, float]
 
         # one client with a connection per simulated client (building 64 clients costs seconds of CPU)
         limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-        async with httpx.AsyncClient(timeout=180, limits=limits) as http:  # OpenRLHF's client timeout
+        async with httpx.AsyncClient(timeout=OPENRLHF_TIMEOUT_S, limits=limits) as http:
             until = time.monotonic() + seconds
             await asyncio.gather(*(client(http, url, i, until, latencies, errors, rewards, server_side)
                                    for i in range(clients)))
@@ -156,7 +158,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"rps_hung={hung['rps']:.1f}")
     print(f"p99_hung_s={hung['p99']:.3f}")
     print(f"errors={ok['errors'] + hung['errors']}")
+    print(f"server_p99_hung_s={hung['server_p99']:.3f}")
+    print(f"p99_hung_over_openrlhf_timeout={hung['p99'] / OPENRLHF_TIMEOUT_S:.4f}")
     print(f"server_p99_hung_over_deadline={hung['server_p99'] / args.deadline:.3f}")
+    below = hung["p99"] < args.deadline and hung["p99"] < OPENRLHF_TIMEOUT_S
+    print(f"p99_hung_below_both={'yes' if below else 'no'} (p99 {hung['p99']:.3f} s vs deadline_s {args.deadline:g} s "
+          f"and OpenRLHF's {OPENRLHF_TIMEOUT_S:g} s)")
     print(f"p99_hung_over_deadline={hung['p99'] / args.deadline:.3f}")
     return 0
 

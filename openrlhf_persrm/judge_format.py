@@ -552,7 +552,8 @@ def parse_judgment(text: str, *, require_reasoning: bool = True, min_reasoning_w
     if not (SCORE_MIN <= a <= SCORE_MAX and SCORE_MIN <= b <= SCORE_MAX):
         return ParseFailure(FailureKind.OUT_OF_RANGE,
                             f"scores [{a}, {b}] outside {SCORE_MIN}-{SCORE_MAX}", reasoning)
-    if require_reasoning and len(reasoning.split()) < min_reasoning_words:
+    # split at most min_reasoning_words times: counting every word of a long reasoning cost more than the rest
+    if require_reasoning and len(reasoning.split(maxsplit=min_reasoning_words)) < min_reasoning_words:
         return ParseFailure(FailureKind.TRIVIAL_REASONING,
                             f"{len(reasoning.split())} words of reasoning; at least {min_reasoning_words} needed",
                             reasoning)

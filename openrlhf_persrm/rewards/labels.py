@@ -19,8 +19,9 @@ def label_object(label: Any, expected: str) -> dict[str, Any]:
     if isinstance(label, str):
         try:
             label = json.loads(label)
-        except json.JSONDecodeError:
-            raise LabelError(f"label {label[:60]!r} is not a JSON object") from None
+        except (ValueError, RecursionError) as exc:  # not JSON, an integer past Python's digit limit, too deep
+            why = "nested too deeply" if isinstance(exc, RecursionError) else "not a JSON object"
+            raise LabelError(f"label {label[:60]!r} is {why}") from None
     if not isinstance(label, dict):
         raise LabelError(f"label must be a dict with {expected}, got {type(label).__name__}")
     return label
@@ -88,16 +89,31 @@ def clean_response(text: str, markers: Sequence[str] = END_MARKERS) -> str:
 
 
 def has_lone_surrogate(value: Any) -> bool:
-    """Whether a string (or any string inside a list/dict) cannot be encoded as UTF-8 (a lone
-    surrogate from JSON such as ``"\\ud800"``): such text is refused per sample, not per batch."""
-    if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            return True
-        return False
-    if isinstance(value, dict):
-        return any(has_lone_surrogate(k) or has_lone_surrogate(v) for k, v in value.items())
-    if isinstance(value, (list, tuple)):
-        return any(has_lone_surrogate(v) for v in value)
+    """Whether a string (or any string inside a list/dict, at any depth) cannot be encoded as
+    UTF-8 (a lone surrogate from JSON such as ``"\\ud800"``, or raw bytes that are not UTF-8 read
+    with ``surrogateescape``): such text is refused per sample, not per batch.
+
+    Iterative, so a label nested deeper than Python's recursion limit is walked too.
+
+    >>> has_lone_surrogate({"exemplars": ["fine", ["deep", "\\udc80"]]}), has_lone_surrogate(["ok"])
+    (True, False)
+    """
+    stack, seen = [value], set()
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if not item.isascii():
+                try:
+                    item.encode("utf-8")
+                except UnicodeEncodeError:
+                    return True
+        elif isinstance(item, (dict, list, tuple)):
+            if id(item) in seen:  # a Python caller's cyclic structure
+                continue
+            seen.add(id(item))
+            if isinstance(item, dict):
+                stack.extend(item.keys())
+                stack.extend(item.values())
+            else:
+                stack.extend(item)
     return False

@@ -91,10 +91,27 @@ def _as_output(result: Any, n: int) -> RewardOutput:
     raise TypeError(f"reward plugin returned {type(result).__name__}; expected RewardOutput")
 
 
-def reward_func(queries: Sequence[str], prompts: Sequence[str], labels: Sequence[Any], **kwargs: Any) -> dict:
-    """OpenRLHF's reward-function contract; never raises."""
+def as_tensors(out: RewardOutput, keys: Sequence[str], error: float) -> dict:
+    """OpenRLHF's answer: ``rewards``, ``scores`` and each ``extra_logs`` key (``keys``, zeros where the
+    plugin gave none, plus ``plugin_error``) as float32 tensors of one value per sample.
+
+    All of them are rows of one tensor built in one call: OpenRLHF calls the entry once per
+    sample, and a tensor per key (about 20 of them) cost more than the plugin itself.
+    """
     import torch
 
+    n = len(out.rewards)
+    zeros = [0.0] * n
+    logs = out.extra_logs
+    rows = torch.tensor([out.rewards, out.scores, *[logs.get(k, zeros) for k in keys], [error] * n],
+                        dtype=torch.float32).unbind(0)
+    extra = dict(zip(keys, rows[2:-1]))
+    extra["plugin_error"] = rows[-1]
+    return {"rewards": rows[0], "scores": rows[1], "extra_logs": extra}
+
+
+def reward_func(queries: Sequence[str], prompts: Sequence[str], labels: Sequence[Any], **kwargs: Any) -> dict:
+    """OpenRLHF's reward-function contract; never raises."""
     global _KEYS
     n = len(queries)
     try:
@@ -106,14 +123,10 @@ def reward_func(queries: Sequence[str], prompts: Sequence[str], labels: Sequence
         logger.exception("reward plugin %s raised; giving %s to %d sample(s)",
                          getattr(_PLUGIN, "name", _PLUGIN), _ON_ERROR, n)
         out, error = RewardOutput([_ON_ERROR] * n, [0.0] * n, {}), 1.0
-    with _KEYS_LOCK:
-        if _KEYS is None and not error:
-            _KEYS = tuple(out.extra_logs)
-        keys = _KEYS or tuple(out.extra_logs)
-    extra = {k: torch.tensor(out.extra_logs.get(k, [0.0] * n), dtype=torch.float32) for k in keys}
-    extra["plugin_error"] = torch.full((n,), error)
-    return {
-        "rewards": torch.tensor(out.rewards, dtype=torch.float32),
-        "scores": torch.tensor(out.scores, dtype=torch.float32),
-        "extra_logs": extra,
-    }
+    keys = _KEYS
+    if keys is None:
+        with _KEYS_LOCK:
+            if _KEYS is None and not error:
+                _KEYS = tuple(out.extra_logs)
+            keys = _KEYS or tuple(out.extra_logs)
+    return as_tensors(out, keys, error)
