@@ -143,10 +143,10 @@ class LocalScorer:
     def score(self, jobs: Sequence[ScoreJob], *, deadline: float | None = None,
               progress: Any = None) -> list[Score]:
         out: list[Score | None] = [None] * len(jobs)
-        todo: list[int] = []
         with self._lock:
             if self._model is None:
                 self._load()
+            todo: list[int] = []
             for i, job in enumerate(jobs):
                 hit = self._cache.get(job) if self.cache_size else None
                 if hit is not None:
@@ -157,63 +157,106 @@ class LocalScorer:
                     todo.append(i)
             if progress is not None and len(todo) < len(jobs):
                 progress.update(len(jobs) - len(todo))
-            encoded = {i: self._encode(jobs[i]) for i in todo}
-            todo.sort(key=lambda i: len(encoded[i][0]))
-            for start in range(0, len(todo), self.batch_size):
-                if deadline is not None and time.monotonic() > deadline:
-                    raise ScorerDeadline(f"scored {start} of {len(todo)} jobs before the deadline")
-                batch = todo[start:start + self.batch_size]
-                for i, score in zip(batch, self._forward([encoded[i] for i in batch])):
-                    out[i] = score
-                    if self.cache_size:
-                        self._cache[jobs[i]] = score
-                        if len(self._cache) > self.cache_size:
-                            self._cache.popitem(last=False)
-                if progress is not None:
-                    progress.update(len(batch))
+            # Jobs after one context (a pair's two candidates after the person's exemplars) share its
+            # forward pass: the context runs once, its KV cache serves every continuation.
+            groups: dict[tuple[int, ...], list[tuple[int, list[int], list[int]]]] = {}
+            for i in todo:
+                ctx, cont, keep = self._encode(jobs[i])
+                groups.setdefault(ctx, []).append((i, cont, keep))
+            order = sorted(groups, key=lambda c: len(c) + max(len(x[1]) for x in groups[c]))
+            batch: list[tuple[int, ...]] = []
+            rows = 0
+            for ctx in order + [None]:  # type: ignore[list-item]
+                if ctx is not None and rows + len(groups[ctx]) <= max(self.batch_size, len(groups[ctx])):
+                    batch.append(ctx)
+                    rows += len(groups[ctx])
+                    continue
+                if batch:
+                    if deadline is not None and time.monotonic() > deadline:
+                        raise ScorerDeadline(f"scored {sum(s is not None for s in out)} of {len(jobs)} jobs "
+                                             "before the deadline")
+                    members = [(c, groups[c]) for c in batch]
+                    for (i, _, _), score in zip([m for _, ms in members for m in ms], self._forward(members)):
+                        out[i] = score
+                        if self.cache_size:
+                            self._cache[jobs[i]] = score
+                            if len(self._cache) > self.cache_size:
+                                self._cache.popitem(last=False)
+                    if progress is not None:
+                        progress.update(rows)
+                if ctx is not None:
+                    batch, rows = [ctx], len(groups[ctx])
             self.stats["jobs"] += len(jobs)
         return [s for s in out if s is not None]
 
-    def _encode(self, job: ScoreJob) -> tuple[list[int], list[int]]:
-        """``(token ids, positions to score)`` with the context cut from the left."""
+    def _encode(self, job: ScoreJob) -> tuple[tuple[int, ...], list[int], list[int]]:
+        """``(context ids cut from the left, continuation ids, continuation positions to score)``.
+
+        ``context + continuation`` is tokenized as one text (as a server tokenizes a prompt); tokens
+        that start inside the continuation are its tokens."""
         enc = self._tok(job.context + job.continuation, add_special_tokens=False, return_offsets_mapping=True)
         ids, offsets = list(enc["input_ids"]), list(enc["offset_mapping"])
-        keep = _select(offsets, len(job.context), job.skip)
         first = next((i for i, (s, _) in enumerate(offsets) if s >= len(job.context)), len(ids))
-        cut = max(0, first - self.max_context_tokens)
-        ids = ids[cut:]
-        # a token is predicted from the one before it: the first token of the text cannot be scored
-        return ids, [i - cut for i in keep if i - cut >= 1]
+        keep = [i - first for i in _select(offsets, len(job.context), job.skip)]
+        ctx = tuple(ids[max(0, first - self.max_context_tokens):first])
+        if not ctx:  # nothing predicts the first token
+            keep = [j for j in keep if j >= 1]
+        return ctx, ids[first:], keep
 
-    def _forward(self, batch: list[tuple[list[int], list[int]]]) -> list[Score]:
+    def _forward(self, members: list[tuple[tuple[int, ...], list[tuple[int, list[int], list[int]]]]]) -> list[Score]:
+        """Scores for every continuation of ``members`` (context ids, its jobs), in that order."""
         import torch
 
-        model = self._model
+        model, dev = self._model, self.device
         pad = self._tok.pad_token_id if self._tok.pad_token_id is not None else (self._tok.eos_token_id or 0)
-        width = max(len(ids) for ids, _ in batch)
-        input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for r, (ids, _) in enumerate(batch):
-            input_ids[r, :len(ids)] = torch.tensor(ids)
-            mask[r, :len(ids)] = 1
-        rows = [r for r, (_, pos) in enumerate(batch) for _ in pos]
-        cols = [p - 1 for _, pos in batch for p in pos]          # the position that predicts token p
-        targets = [batch[r][0][p] for r, (_, pos) in enumerate(batch) for p in pos]
+        decoder = model.get_decoder()
+        # 1. Contexts, left-padded so that every one ends in the last column.
+        lc = max(len(c) for c, _ in members)
+        ctx_ids = torch.full((len(members), lc), pad, dtype=torch.long)
+        ctx_mask = torch.zeros((len(members), lc), dtype=torch.long)
+        for g, (c, _) in enumerate(members):
+            if c:
+                ctx_ids[g, lc - len(c):] = torch.tensor(c)
+                ctx_mask[g, lc - len(c):] = 1
+        ctx_pos = (ctx_mask.cumsum(1) - 1).clamp(min=0)
+        # 2. Continuations, right-padded, after their context's cache.
+        owner = [g for g, (_, js) in enumerate(members) for _ in js]
+        conts = [cont for _, js in members for _, cont, _ in js]
+        keeps = [keep for _, js in members for _, _, keep in js]
+        lk = max(1, max(len(c) for c in conts))
+        cont_ids = torch.full((len(conts), lk), pad, dtype=torch.long)
+        cont_mask = torch.zeros((len(conts), lk), dtype=torch.long)
+        for r, c in enumerate(conts):
+            if c:
+                cont_ids[r, :len(c)] = torch.tensor(c)
+                cont_mask[r, :len(c)] = 1
+        idx = torch.tensor(owner, dtype=torch.long)
+        ctx_len = ctx_mask.sum(1)
         with torch.no_grad():
-            input_ids, mask = input_ids.to(self.device), mask.to(self.device)
-            decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
-            if decoder is not None and hasattr(model, "lm_head"):
-                hidden = decoder(input_ids=input_ids, attention_mask=mask).last_hidden_state
-                logits = model.lm_head(hidden[rows, cols])  # only the scored positions
-            else:
-                logits = model(input_ids=input_ids, attention_mask=mask).logits[rows, cols]
+            first = decoder(input_ids=ctx_ids.to(dev), attention_mask=ctx_mask.to(dev),
+                            position_ids=ctx_pos.to(dev), use_cache=True)
+            cache = first.past_key_values
+            cache.reorder_cache(idx.to(dev))
+            mask = torch.cat([ctx_mask[idx], cont_mask], dim=1)
+            pos = ctx_len[idx].unsqueeze(1) + torch.arange(lk).unsqueeze(0)
+            hidden = decoder(input_ids=cont_ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev),
+                             past_key_values=cache, use_cache=True).last_hidden_state
+            # Token j of a continuation is predicted by the hidden state before it: the context's last
+            # for j = 0, the continuation's own (j - 1) after that.
+            before = torch.cat([first.last_hidden_state[idx, -1:].to(hidden.dtype), hidden[:, :-1]], dim=1)
+            rows = [r for r, keep in enumerate(keeps) for _ in keep]
+            cols = [j for keep in keeps for j in keep]
+            targets = [conts[r][j] for r, keep in enumerate(keeps) for j in keep]
+            if not rows:
+                return [Score(0.0, 0) for _ in conts]
+            logits = model.lm_head(before[rows, cols])
             logp = torch.log_softmax(logits.float(), dim=-1)
             picked = logp[torch.arange(len(targets)), torch.tensor(targets, device=logp.device)].tolist()
-        self.stats["tokens"] += int(mask.sum())
+        self.stats["tokens"] += int(ctx_mask.sum()) + int(cont_mask.sum())
         out, k = [], 0
-        for _, pos in batch:
-            out.append(_mean(picked[k:k + len(pos)]))
-            k += len(pos)
+        for keep in keeps:
+            out.append(_mean(picked[k:k + len(keep)]))
+            k += len(keep)
         return out
 
 
