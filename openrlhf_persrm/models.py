@@ -72,3 +72,49 @@ def resolve_model(name_or_path: str, cache_dir: str | os.PathLike = DEFAULT_MODE
         raise FileNotFoundError(f"model {name_or_path!r} is neither a local checkpoint nor the built-in "
                                 f"{SMOLLM2!r}; nothing is downloaded at run time")
     return name_or_path
+
+
+#: A judge checkpoint's card: what it was trained with (written by ``persrm pipeline`` into each checkpoint).
+JUDGE_CARD = "persrm_judge.json"
+
+
+def read_judge_card(path: str | os.PathLike) -> dict | None:
+    """The card of a judge checkpoint folder (:data:`JUDGE_CARD`), or None for a model without one.
+
+    ``{"evidence": {"version": 1, "scorer": "smollm2-135m-instruct"}}`` marks an evidence-informed judge and
+    the frozen scorer its evidence must come from."""
+    import json
+
+    card = Path(path) / JUDGE_CARD
+    if not card.is_file():
+        return None
+    try:
+        data = json.loads(card.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise ValueError(f"{card}: unreadable judge card ({exc})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{card}: a judge card is a JSON object")
+    return data
+
+
+def write_judge_card(path: str | os.PathLike, card: dict) -> None:
+    import json
+
+    target = Path(path) / JUDGE_CARD
+    tmp = target.with_name(target.name + ".tmp")
+    tmp.write_text(json.dumps(card, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(tmp, target)
+
+
+def evidence_scorer_of(path: str | os.PathLike) -> str | None:
+    """The scorer an evidence-informed judge checkpoint reads evidence from (None: a plain judge)."""
+    card = read_judge_card(path) if os.path.isdir(path) else None
+    evidence = (card or {}).get("evidence")
+    if not evidence:
+        return None
+    from .evidence.measures import EVIDENCE_VERSION
+
+    if evidence.get("version") != EVIDENCE_VERSION:
+        raise ValueError(f"{path}: the judge was trained on evidence version {evidence.get('version')!r}; this "
+                         f"release renders version {EVIDENCE_VERSION}: judge with the release that trained it")
+    return str(evidence.get("scorer") or "")

@@ -220,7 +220,7 @@ def test_model_judge_prompt_too_long_is_a_failure():
 
 @pytest.mark.parametrize("kw, needle", [
     ({"judge": "model"}, "--judge model needs --model"),
-    ({"judge": "oracle"}, "--judge 'oracle'"),
+    ({"judge": "psychic"}, "--judge 'psychic'"),
     ({"judge": "length", "model": "x"}, "--model 'x' is only used by --judge model"),
     ({"judge": "model", "endpoint": "localhost:8000"}, "--endpoint 'localhost:8000'"),
     ({"judge": "random", "bootstrap": 10}, "--bootstrap 10"),

@@ -5,9 +5,12 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-JUDGES = ("random", "length", "stylometry", "artefact", "evidence", "fluency", "likelihood", "model")
+JUDGES = ("random", "length", "stylometry", "artefact", "evidence", "fluency", "likelihood", "reader", "oracle",
+          "model")
 #: Judges that read a language model's likelihoods (they need --model, never --endpoint).
 LIKELIHOOD_JUDGES = ("fluency", "likelihood")
+#: Judges that read measured evidence only: the rows' own, or measured with --scorer.
+READER_JUDGES = ("reader", "oracle")
 
 
 def _f(default, help: str):
@@ -19,7 +22,8 @@ class EvalConfig:
     """What to evaluate, with which judge, and where the results go."""
 
     pairs: str = _f("", "pair JSONL to evaluate (the PersRM pair format)")
-    judge: str = _f("", "random | length | stylometry | artefact | evidence | fluency | likelihood | model")
+    judge: str = _f("", "random | length | stylometry | artefact | evidence | fluency | likelihood | reader | "
+                        "oracle | model")
     out: str = _f("", "folder for metrics.json, metrics.md, judgments.jsonl and accuracy_by_type.png")
     model: str = _f("", "--judge model: a checkpoint folder or smollm2-135m-instruct; with --endpoint, "
                         "the served model name (default: the first the endpoint lists)")
@@ -43,6 +47,11 @@ class EvalConfig:
     fit_split: str = _f("train", "--judge artefact: the split of --pairs (all of its rows, whatever --split and "
                                  "--limit say) the artefact classifier is fitted on")
     label: str = _f("", "name of this judge in tables and comparison plots (default: derived from the judge)")
+    evidence: str = _f("auto", "--judge model: show the judge the evidence on both candidates: auto (when the "
+                               "checkpoint's persrm_judge.json says it was trained with evidence), on, off")
+    scorer: str = _f("", "the frozen model that measures evidence the rows do not carry (--judge model with "
+                         "evidence, reader, oracle); default: the scorer recorded with the judge, else the rows' "
+                         "own evidence")
 
     def __post_init__(self) -> None:
         if not self.pairs:
@@ -59,6 +68,8 @@ class EvalConfig:
                 raise ValueError(f"--judge {self.judge} reads a local model's likelihoods: pass --model PATH (a "
                                  "checkpoint folder or smollm2-135m-instruct) and no --endpoint")
         elif self.judge != "model":
+            if self.scorer and self.judge not in READER_JUDGES:
+                raise ValueError(f"--scorer is used by --judge model, reader and oracle, not --judge {self.judge}")
             for flag, value in (("--model", self.model), ("--endpoint", self.endpoint)):
                 if value:
                     raise ValueError(f"{flag} {value!r} is only used by --judge model, not --judge {self.judge}; "
@@ -73,6 +84,8 @@ class EvalConfig:
                              "(1000 is the default)")
         if not 1 <= self.ngram <= 10:
             raise ValueError(f"--ngram {self.ngram}: use a character n-gram size from 1 to 10 (3 is classic)")
+        if self.evidence not in ("auto", "on", "off"):
+            raise ValueError(f"--evidence {self.evidence!r}: choose auto, on or off")
         if self.weighting not in ("tf", "tfidf"):
             raise ValueError(f"--weighting {self.weighting!r}: choose tf or tfidf")
         if self.max_prompt_tokens < 256:

@@ -34,6 +34,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 
+from ..evidence.measures import PairEvidence, idf_table, style_similarity
 from ..judge_format import ExemplarBudget, Judgment, PromptTooLong, arrange, build_messages, parse_judgment
 from ..pairs import PairRecord
 
@@ -140,21 +141,6 @@ class LengthJudge(PairwiseJudge):
         return -abs(normalized_length(a) - mean), -abs(normalized_length(b) - mean)
 
 
-def char_ngrams(text: str, n: int = 3) -> Counter:
-    """Counts of lower-cased character n-grams, whitespace collapsed to single spaces."""
-    t = _WS.sub(" ", text.lower()).strip()
-    return Counter(t[i:i + n] for i in range(max(0, len(t) - n + 1)))
-
-
-def cosine(a: dict[str, float], b: dict[str, float]) -> float:
-    if len(a) > len(b):
-        a, b = b, a
-    dot = sum(v * b.get(k, 0.0) for k, v in a.items())
-    na = math.sqrt(sum(v * v for v in a.values()))
-    nb = math.sqrt(sum(v * v for v in b.values()))
-    return dot / (na * nb) if na and nb else 0.0
-
-
 @dataclass
 class StylometryJudge(PairwiseJudge):
     """Character n-gram profile cosine similarity to the exemplars; the more similar wins."""
@@ -162,7 +148,7 @@ class StylometryJudge(PairwiseJudge):
     ngram: int = 3
     weighting: str = "tfidf"
     name: str = "stylometry"
-    _idf: dict[str, float] = field(default_factory=dict, init=False, repr=False)
+    _idf: Any = field(default=None, init=False, repr=False)
     _n_docs: int = field(default=0, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -178,24 +164,14 @@ class StylometryJudge(PairwiseJudge):
     def prepare(self, records: Sequence[PairRecord]) -> None:
         if self.weighting != "tfidf":
             return
-        docs = {e for r in records for e in r.exemplars}
-        df: Counter = Counter()
-        for d in docs:
-            df.update(char_ngrams(d, self.ngram).keys())
+        docs = sorted({e for r in records for e in r.exemplars})
         self._n_docs = len(docs)
-        self._idf = {g: math.log((1 + self._n_docs) / (1 + c)) + 1.0 for g, c in df.items()}
-
-    def _weight(self, counts: Counter) -> dict[str, float]:
-        if self.weighting == "tf":
-            return dict(counts)
-        # n-grams unseen in any exemplar get the largest idf; they cannot raise a cosine
-        # with the exemplar profile anyway, only lengthen the candidate's vector.
-        unseen = math.log(1 + self._n_docs) + 1.0
-        return {g: c * self._idf.get(g, unseen) for g, c in counts.items()}
+        self._idf = idf_table(docs, self.ngram)
 
     def similarity(self, exemplars: Sequence[str], candidate: str) -> float:
-        profile = self._weight(char_ngrams("\n".join(exemplars), self.ngram))
-        return cosine(self._weight(char_ngrams(candidate, self.ngram)), profile)
+        """:func:`openrlhf_persrm.evidence.measures.style_similarity`, weighted by the batch's idf with tfidf."""
+        idf = self._idf if self.weighting == "tfidf" and self._idf else None
+        return style_similarity(exemplars, candidate, n=self.ngram, idf=idf)
 
     def score(self, record: PairRecord, position: str) -> Outcome:
         a, b = arrange(record.chosen, record.rejected, position)
@@ -368,91 +344,112 @@ def shortcut_report(rows: Sequence[dict[str, Any]], *, fit_split: str = "train")
     return out
 
 
-# --------------------------------------------------------------------------- likelihood judges
+# --------------------------------------------------------------------------- evidence judges
+
+def evidence_for(records: Sequence[PairRecord], scorer_model: str = "", *, batch_size: int = 8,
+                 progress_desc: str = "evidence") -> dict[str, PairEvidence]:
+    """Evidence on every record (``first`` = the real text), by pair id.
+
+    A row's stored evidence (``persrm synth --evidence.scorer``) is used when no ``scorer_model`` is asked
+    for or when it was measured by that model; the rest is measured with ``scorer_model`` (a local
+    checkpoint or the built-in alias), with a progress bar. Raises when evidence is missing and no
+    scorer is given."""
+    from ..evidence import EvidenceInput, LocalScorer, jobs_needed, measure_pairs
+
+    scorer = None
+    wanted = ""
+    if scorer_model:
+        from ..models import resolve_model
+
+        scorer = LocalScorer(model_path=resolve_model(scorer_model), batch_size=batch_size)
+        wanted = scorer.identity
+    out: dict[str, PairEvidence] = {}
+    todo: list[PairRecord] = []
+    for rec in records:
+        ev = rec.evidence
+        if ev is not None and (not wanted or ev.scorer == wanted):
+            out[rec.id] = ev
+        elif rec.id not in out:
+            todo.append(rec)
+    todo = list({r.id: r for r in todo}.values())
+    if todo and scorer is None:
+        raise ValueError(f"{len(todo)} pair(s) carry no evidence (e.g. {todo[0].id!r}): pass a scorer model "
+                         "(--scorer, or --model for --judge likelihood/fluency) to measure it")
+    if todo:
+        from tqdm.auto import tqdm
+
+        items = [EvidenceInput(tuple(r.exemplars), r.prompt, r.chosen, r.rejected) for r in todo]
+        with tqdm(total=jobs_needed(items), desc=f"{progress_desc} ({scorer.identity})", unit="text") as bar:
+            for rec, ev in zip(todo, measure_pairs(scorer, items, progress=bar)):
+                out[rec.id] = ev
+    return out
+
+
+#: The measure judges of ``persrm eval`` and the evidence value each compares.
+MEASURE_JUDGES = {"likelihood": "gain", "fluency": "fluency", "reader": "reader", "oracle": "oracle"}
+
 
 @dataclass
-class LikelihoodJudge(PairwiseJudge):
-    """What a language model already knows, read from its likelihoods; nothing is generated.
+class MeasureJudge(PairwiseJudge):
+    """Judges that read the evidence (:mod:`openrlhf_persrm.evidence`); nothing is generated.
 
-    ``mode="gain"`` (judge ``likelihood``): each candidate is scored by how much the exemplars
-    raise its mean token log-probability,
-    ``mean log p(c | exemplars, prompt) - mean log p(c | prompt)``; the text the person's own
-    writing makes more predictable wins. ``mode="fluency"`` (judge ``fluency``): plain mean
-    log-probability given the prompt alone, no exemplars: a type that fluency separates tests
-    language quality, not the person. Both are position-free (each candidate is scored on its
-    own), so their position consistency is 100% by construction.
+    * ``likelihood``: exemplar gain, ``mean log p(c | exemplars, prompt) - mean log p(c | prompt)`` (copied
+      words left out): the text the person's own writing makes more predictable wins.
+    * ``fluency``: ``mean log p(c | prompt)``, no exemplars: a type it separates tests language quality.
+    * ``reader``: the fixed reader (:func:`~openrlhf_persrm.evidence.read_evidence`): fluency when the
+      candidates are nearly identical, exemplar gain otherwise; what the evidence traces teach.
+    * ``oracle``: for each negative type, the single measure (gain, fluency or style) that is most accurate
+      on the evaluated pairs themselves: it peeks at the labels, an upper bound for any one measure.
+
+    Evidence comes from the rows or is measured with ``scorer_model`` (see :func:`evidence_for`). All are
+    position-free (each candidate is measured on its own).
     """
 
-    model_path: str = ""
-    mode: str = "gain"
+    kind: str = "likelihood"
+    scorer_model: str = ""
     batch_size: int = 8
-    max_context_tokens: int = 768
-    name: str = "likelihood"
-    _scores: dict[tuple[str, str], float] = field(default_factory=dict, init=False, repr=False)
+    name: str = ""
+    _evidence: dict[str, PairEvidence] = field(default_factory=dict, init=False, repr=False)
+    _best: dict[str, str] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
-        if self.mode not in ("gain", "fluency"):
-            raise ValueError(f"mode must be 'gain' or 'fluency', got {self.mode!r}")
-        if self.mode == "fluency" and self.name == "likelihood":
-            self.name = "fluency"
+        if self.kind not in MEASURE_JUDGES:
+            raise ValueError(f"measure judge {self.kind!r}: choose one of {', '.join(MEASURE_JUDGES)}")
+        self.name = self.name or self.kind
 
     def identity(self) -> dict[str, Any]:
-        rule = ("mean log p(candidate | exemplars, prompt) - mean log p(candidate | prompt)" if self.mode == "gain"
-                else "mean log p(candidate | prompt), no exemplars")
-        return {"name": self.name, "model": self.model_path, "rule": rule}
-
-    @staticmethod
-    def contexts(record: PairRecord) -> tuple[str, str]:
-        """``(with exemplars, without)``: the texts each candidate is scored after."""
-        plain = record.prompt.strip() + "\n\n"
-        return "\n\n".join(e.strip() for e in record.exemplars) + "\n\n" + plain, plain
+        rules = {"likelihood": "mean log p(candidate | exemplars, prompt) - mean log p(candidate | prompt)",
+                 "fluency": "mean log p(candidate | prompt), no exemplars",
+                 "reader": "fluency if the candidates are nearly identical, else exemplar gain (copies lose)",
+                 "oracle": "per negative type, the single most accurate measure on these pairs (uses labels)"}
+        scorers = sorted({ev.scorer for ev in self._evidence.values()})
+        out = {"name": self.name, "rule": rules[self.kind], "scorer": scorers[0] if len(scorers) == 1 else scorers}
+        if self.kind == "oracle":
+            out["best_measure_by_type"] = dict(self._best)
+        return out
 
     def prepare(self, records: Sequence[PairRecord]) -> None:
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from ..evidence.measures import favours
 
-        tok = AutoTokenizer.from_pretrained(self.model_path)
-        model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=torch.float32).eval()
-        jobs: list[tuple[tuple[str, str], str, list[int], list[int]]] = []
-        seen: set[tuple[str, str]] = set()
-        for r in records:
-            with_ex, plain = self.contexts(r)
-            for which, text in (("chosen", r.chosen), ("rejected", r.rejected)):
-                if (r.id, which) in seen:
-                    continue
-                seen.add((r.id, which))
-                cand = tok(" " + text.strip(), add_special_tokens=False)["input_ids"]
-                for cond, ctx in (("with", with_ex), ("without", plain)):
-                    if cond == "with" and self.mode == "fluency":
-                        continue
-                    ids = tok(ctx, add_special_tokens=False)["input_ids"][-self.max_context_tokens:]
-                    jobs.append(((r.id, which), cond, ids, cand))
-        means: dict[tuple[tuple[str, str], str], float] = {}
-        jobs.sort(key=lambda j: len(j[2]) + len(j[3]))
-        pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-        with torch.no_grad():
-            for start in range(0, len(jobs), self.batch_size):
-                batch = jobs[start:start + self.batch_size]
-                width = max(len(c) + len(x) for _, _, c, x in batch)
-                ids = torch.full((len(batch), width), pad, dtype=torch.long)
-                mask = torch.zeros((len(batch), width), dtype=torch.long)
-                for i, (_, _, ctx, cand) in enumerate(batch):
-                    seq = ctx + cand
-                    ids[i, :len(seq)] = torch.tensor(seq)
-                    mask[i, :len(seq)] = 1
-                logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), dim=-1)
-                for i, (key, cond, ctx, cand) in enumerate(batch):
-                    n0 = len(ctx)
-                    steps = logp[i, n0 - 1:n0 - 1 + len(cand)]
-                    token_lp = steps.gather(1, torch.tensor(cand).unsqueeze(1)).squeeze(1)
-                    means[(key, cond)] = float(token_lp.mean())
-        for key in seen:
-            plain = means[(key, "without")]
-            self._scores[key] = plain if self.mode == "fluency" else means[(key, "with")] - plain
+        self._evidence = evidence_for(records, self.scorer_model, batch_size=self.batch_size)
+        if self.kind == "oracle":
+            by_type: dict[str, list[PairRecord]] = {}
+            for r in {r.id: r for r in records}.values():
+                by_type.setdefault(r.negative_type, []).append(r)
+            for ntype, rs in by_type.items():
+                def accuracy(m: str) -> float:
+                    return sum({"A": 1.0, None: 0.5}.get(favours(self._evidence[r.id], m)[0], 0.0) for r in rs)
+                self._best[ntype] = max(("gain", "fluency", "style"), key=accuracy)
 
     def score(self, record: PairRecord, position: str) -> Outcome:
-        real, fake = self._scores[(record.id, "chosen")], self._scores[(record.id, "rejected")]
-        return (real, fake) if position == "A" else (fake, real)
+        from ..evidence.measures import read_evidence, value
+
+        ev = self._evidence[record.id].arranged(position)
+        if self.kind == "reader":
+            side = read_evidence(ev).preferred
+            return (1.0, 0.0) if side == "A" else (0.0, 1.0) if side == "B" else (0.0, 0.0)
+        measure = self._best[record.negative_type] if self.kind == "oracle" else MEASURE_JUDGES[self.kind]
+        return value(ev.first, measure), value(ev.second, measure)
 
 
 # --------------------------------------------------------------------------- model judge
@@ -509,13 +506,14 @@ class ModelJudge:
     max_new_tokens: int = 512
     name: str = "model"
     settings: dict[str, Any] = field(default_factory=dict)
+    evidence: dict[str, PairEvidence] | None = None   # by pair id: an evidence-informed judge reads it
     outputs: list[str | None] = field(default_factory=list, init=False, repr=False)
 
     def identity(self) -> dict[str, Any]:
         label = self.label or getattr(self.backend, "model", "") or "?"
         return {"name": self.name, "model": label, "max_prompt_tokens": self.max_prompt_tokens,
                 "max_new_tokens": self.max_new_tokens, "parser": "strict (reasoning required)",
-                **self.settings}
+                "evidence": self.evidence is not None, **self.settings}
 
     def judge(self, records: Sequence[PairRecord], positions: Sequence[str], *,
               progress: Any = None) -> list[Outcome]:
@@ -528,11 +526,12 @@ class ModelJudge:
         requests, slots = [], []
         for i, (rec, pos) in enumerate(zip(records, positions)):
             a, b = arrange(rec.chosen, rec.rejected, pos)
+            ev = self.evidence[rec.id].arranged(pos) if self.evidence is not None else None
             if self.count_tokens is None:
-                messages = build_messages(rec.exemplars, rec.prompt, a, b)
+                messages = build_messages(rec.exemplars, rec.prompt, a, b, evidence=ev)
             else:
                 try:
-                    messages = budget.fit(self.count_tokens, rec.exemplars, rec.prompt, a, b).messages
+                    messages = budget.fit(self.count_tokens, rec.exemplars, rec.prompt, a, b, ev).messages
                 except PromptTooLong as exc:
                     logger.warning("pair %s (real at %s): %s", rec.id, pos, exc)
                     outcomes[i] = JudgeFailure("prompt_too_long", str(exc))

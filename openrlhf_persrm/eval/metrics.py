@@ -186,3 +186,28 @@ def compute_metrics(judgments: Iterable[Judged], *, n_resamples: int = 1000, see
         "failure_kinds": dict(Counter(j.failure for j in judgments if j.scores is None).most_common()),
         "bootstrap": {"unit": "pair", "method": "percentile", **opts},
     }
+
+
+def versus_measure(judged: Sequence[Judged], preferred_by_measure: dict[tuple[str, str], str | None],
+                   measure: str = "gain") -> dict[str, Any]:
+    """Where a judge's verdict disagrees with a measure's, and who was right, by negative type.
+
+    ``preferred_by_measure[(pair_id, real_at)]`` is the side ('A', 'B' or None) the measure favours in that
+    judgment. Counted over judgments where both take a side and the sides differ: ``judge_right`` (the
+    judge picked the real text against the measure) and ``measure_right``."""
+    rows: dict[str, Counter] = defaultdict(Counter)
+    for j in judged:
+        side = preferred_by_measure.get((j.pair_id, j.real_at))
+        rows[j.negative_type]["judgments"] += 1
+        if j.scores is None or side is None or j.scores[0] == j.scores[1]:
+            continue
+        mine = "A" if j.scores[0] > j.scores[1] else "B"
+        if mine == side:
+            rows[j.negative_type]["agree"] += 1
+            continue
+        rows[j.negative_type]["disagree"] += 1
+        rows[j.negative_type]["judge_right" if mine == j.real_at else "measure_right"] += 1
+    total: Counter = Counter()
+    for c in rows.values():
+        total.update(c)
+    return {"measure": measure, "overall": dict(total), "by_type": {t: dict(c) for t, c in sorted(rows.items())}}

@@ -19,9 +19,9 @@ from typing import Any, Sequence
 from ..judge_format import assign_positions, chat_token_counter
 from ..pairs import PairRecord, load_pairs, remove_stale_tmp, write_jsonl
 from .config import EvalConfig
-from .judges import (BASELINES, ArtefactJudge, ChunkedProgress, Judge, JudgeFailure, LikelihoodJudge, ModelJudge,
-                     Outcome, StylometryJudge)
-from .metrics import Judged, compute_metrics
+from .judges import (BASELINES, ArtefactJudge, ChunkedProgress, Judge, JudgeFailure, MeasureJudge, ModelJudge, Outcome,
+                     StylometryJudge, evidence_for)
+from .metrics import Judged, compute_metrics, versus_measure
 from .report import markdown_table, plot_by_type
 
 logger = logging.getLogger(__name__)
@@ -75,7 +75,19 @@ def select_pairs(cfg: EvalConfig) -> tuple[list[PairRecord], dict[str, Any]]:
     return records, data
 
 
-def make_judge(cfg: EvalConfig) -> Judge:
+def judge_evidence(cfg: EvalConfig, model_path: str | None) -> tuple[bool, str]:
+    """Whether ``--judge model`` reads evidence, and the scorer it must come from ('' : the rows')."""
+    from ..models import evidence_scorer_of
+
+    recorded = evidence_scorer_of(model_path) if model_path else None
+    if cfg.evidence == "off":
+        return False, ""
+    if cfg.evidence == "auto" and recorded is None:
+        return False, ""
+    return True, cfg.scorer or recorded or ""
+
+
+def make_judge(cfg: EvalConfig, records: Sequence[PairRecord] = ()) -> Judge:
     """The judge ``cfg`` names; model judges load their backend here (deferred imports)."""
     if cfg.judge == "stylometry":
         return StylometryJudge(ngram=cfg.ngram, weighting=cfg.weighting)
@@ -86,11 +98,9 @@ def make_judge(cfg: EvalConfig) -> Judge:
             raise ValueError(f"--judge artefact: no rows of {cfg.pairs} have split {cfg.fit_split!r} to fit on; "
                              "set --fit_split to a labelled split of the file (e.g. train)")
         return ArtefactJudge().fit(fit)
-    if cfg.judge in ("likelihood", "fluency"):
-        from ..models import resolve_model
-
-        return LikelihoodJudge(model_path=resolve_model(cfg.model), mode="gain" if cfg.judge == "likelihood"
-                               else "fluency", batch_size=cfg.batch_size)
+    if cfg.judge in ("likelihood", "fluency", "reader", "oracle"):
+        scorer = cfg.model if cfg.judge in ("likelihood", "fluency") else cfg.scorer
+        return MeasureJudge(kind=cfg.judge, scorer_model=scorer, batch_size=cfg.batch_size)
     if cfg.judge in BASELINES:
         cls = BASELINES[cfg.judge]
         return cls(seed=cfg.seed) if cfg.judge == "random" else cls()
@@ -99,21 +109,25 @@ def make_judge(cfg: EvalConfig) -> Judge:
 
         served = OpenAIJudge(base_url=cfg.endpoint, model=cfg.model, api_key_env=cfg.api_key_env,
                              concurrency=cfg.concurrency)
+        use, scorer = judge_evidence(cfg, None)
         return ModelJudge(ChunkedProgress(served, chunk=4 * cfg.concurrency), label=cfg.model, count_tokens=None,
                           max_prompt_tokens=cfg.max_prompt_tokens, max_new_tokens=cfg.max_new_tokens,
                           settings={"backend": "endpoint", "endpoint": served.base_url,
-                                    "prompt_budget": "none (the server's context limit applies)"})
+                                    "prompt_budget": "none (the server's context limit applies)"},
+                          evidence=evidence_for(records, scorer, batch_size=cfg.batch_size) if use else None)
     from ..judges.local import LocalJudge
     from ..models import resolve_model
 
     path = resolve_model(cfg.model)
+    use, scorer = judge_evidence(cfg, path)
+    evidence = evidence_for(records, scorer, batch_size=cfg.batch_size) if use else None
     local = LocalJudge(path, batch_size=cfg.batch_size)
     # In chunks of a few batches: the backend's timeout then bounds one chunk, not the whole evaluation
     # (hundreds of judgments on a slow CPU outlast it), and the progress bar moves chunk by chunk.
     return ModelJudge(ChunkedProgress(local, chunk=4 * cfg.batch_size), label=cfg.model,
                       count_tokens=chat_token_counter(local.tokenizer),
                       max_prompt_tokens=cfg.max_prompt_tokens, max_new_tokens=cfg.max_new_tokens,
-                      settings={"backend": "local", "path": path, "decoding": "greedy"})
+                      settings={"backend": "local", "path": path, "decoding": "greedy"}, evidence=evidence)
 
 
 def plan_positions(records: Sequence[PairRecord], *, both_orders: bool,
@@ -138,11 +152,11 @@ def run_eval(cfg: EvalConfig, *, judge: Judge | None = None, echo: bool = True) 
     records, data = select_pairs(cfg)
     if not records:
         raise ValueError(f"{cfg.pairs}: no pairs to evaluate")
-    judge = judge if judge is not None else make_judge(cfg)
+    judge = judge if judge is not None else make_judge(cfg, records)
     shown, positions = plan_positions(records, both_orders=cfg.both_orders, seed=cfg.seed)
     t0 = time.perf_counter()
     with tqdm(total=len(shown), desc=f"judging ({judge.name})", unit="judgment",
-              disable=cfg.judge not in ("model", "likelihood", "fluency")) as bar:
+              disable=cfg.judge not in ("model",)) as bar:
         try:
             outcomes = judge.judge(shown, positions, progress=bar)
         finally:
@@ -155,6 +169,12 @@ def run_eval(cfg: EvalConfig, *, judge: Judge | None = None, echo: bool = True) 
     from .. import __version__
 
     metrics = compute_metrics(judged, n_resamples=cfg.bootstrap, seed=cfg.seed)
+    evidence = getattr(judge, "evidence", None)
+    if evidence and cfg.judge == "model":
+        from ..evidence.measures import favours
+
+        gain = {(r.id, p): favours(evidence[r.id].arranged(p), "gain")[0] for r, p in zip(shown, positions)}
+        metrics["versus_gain"] = versus_measure(judged, gain)
     identity = judge.identity()  # after judging: e.g. the model an endpoint turned out to serve
     label = cfg.display_label
     if cfg.endpoint and not (cfg.label or cfg.model):
