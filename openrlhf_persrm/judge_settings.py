@@ -91,6 +91,17 @@ class JudgeSettings:
     retry_temperature: float = setting(0.7, "temperature of those attempts (at least temperature)")
     require_reasoning: bool = setting(True, "demand <think>...</think> before the answer")
     seed: int = setting(0, "base seed of the judge's sampling (vote i uses seed + i)")
+    # ------------------------------------------------------------------ evidence
+    evidence: str = setting("auto", "show the judge measured evidence on both candidates (exemplar gain, fluency, "
+                                     "style, copying; openrlhf_persrm.evidence), computed within the deadline: auto "
+                                     "(when the judge checkpoint's persrm_judge.json says it was trained with "
+                                     "evidence, or a scorer is set), on, off (plain PersRM-R1 judging)")
+    scorer_model: str = setting("", "the frozen scorer model the evidence is measured with, a local checkpoint "
+                                     "(default: the one recorded with the judge, the model it was trained from)")
+    scorer_endpoint: str = setting("", "... or an OpenAI-compatible completions server with it (`vllm serve`: "
+                                        "prompt log-probabilities), e.g. http://127.0.0.1:8001")
+    scorer_served_model: str = setting("", "the scorer's model name on that server")
+    scorer_batch_size: int = setting(8, "local scorer: sequences per forward pass")
     # ------------------------------------------------------------------ when it fails
     failure_reward: float = setting(_DEFAULT_FAILURE_REWARD,
                                      "reward of a sample the judge could not score (judge error, deadline, "
@@ -164,6 +175,23 @@ class JudgeSettings:
         if self.model:
             self._check_checkpoint("model", self.model)
         self._check_builtin_backend()
+        self._check_evidence()
+
+    def _check_evidence(self) -> None:
+        if self.evidence not in ("auto", "on", "off"):
+            raise self._bad("evidence", "use auto, on or off")
+        if self.scorer_model and self.scorer_endpoint:
+            raise ValueError(f"{self.name}: scorer_model={self.scorer_model!r} and scorer_endpoint="
+                             f"{self.scorer_endpoint!r}: give one evidence scorer")
+        if self.scorer_endpoint and not self.scorer_served_model:
+            raise self._bad("scorer_served_model", "name the scorer model the scorer_endpoint serves")
+        if self.scorer_model:
+            self._check_checkpoint("scorer_model", self.scorer_model)
+        if self.scorer_batch_size < 1:
+            raise self._bad("scorer_batch_size", "use a positive number")
+        if self.evidence == "on" and not (self.scorer_model or self.scorer_endpoint or self.model or self.serve_url):
+            raise ValueError(f"{self.name}: evidence='on' needs a scorer: set scorer_model (a local checkpoint, "
+                             "e.g. the model the judge was trained from) or scorer_endpoint")
 
     def _resolve_failure_reward(self) -> None:
         given_failure = self.failure_reward is not _DEFAULT_FAILURE_REWARD

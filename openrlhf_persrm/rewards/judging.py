@@ -117,6 +117,7 @@ class JudgeRunner:
         # an instance given in Python is used as it is; a name is resolved on first use (in the worker)
         self._judge: Any = None if isinstance(settings.backend, str) else settings.backend
         self._special: tuple[Any, tuple[str, ...]] | None = None  # (judge, its special tokens)
+        self._scorer: Any = None  # the evidence scorer, or False once it is known there is none
         self.health = JudgeHealth(settings.stop_failure_rate, settings.stop_after_steps, settings.stop_window)
         self.handled = HandledErrors()
 
@@ -155,6 +156,48 @@ class JudgeRunner:
 
         return instantiate(judge_backends, s.backend, s.backend_config)
 
+    # ------------------------------------------------------------------ evidence
+    @property
+    def scorer(self) -> Any:
+        """The evidence scorer (built on first use), or None when this judge reads no evidence."""
+        if self._scorer is None:
+            with _BUILD_LOCK:
+                if self._scorer is None:
+                    self._scorer = self._build_scorer() or False
+        return self._scorer or None
+
+    def _build_scorer(self) -> Any:
+        s = self.settings
+        if s.evidence == "off" or s.serve_url:
+            return None
+        model = s.scorer_model
+        if not (model or s.scorer_endpoint):
+            from ..models import evidence_scorer_of, resolve_model
+
+            recorded = evidence_scorer_of(resolve_model(s.model)) if s.model else None
+            if recorded is None:
+                if s.evidence == "on":
+                    raise ValueError(f"{s.name}: evidence='on' but the judge records no scorer (no persrm_judge.json "
+                                     "with evidence in its checkpoint); set scorer_model or scorer_endpoint")
+                return None
+            model = recorded
+        from ..evidence import build_scorer
+
+        if s.scorer_endpoint:
+            return build_scorer(endpoint=s.scorer_endpoint, served_model=s.scorer_served_model,
+                                api_key_env=s.api_key_env, timeout=s.timeout)
+        return build_scorer(model=model, batch_size=s.scorer_batch_size)
+
+    def measure(self, items: Sequence[Any], deadline: float) -> list[Any] | None:
+        """Evidence on each item's two candidates (``EvidenceInput``), measured by ``deadline``; None when this
+        judge reads no evidence. Raises :class:`~openrlhf_persrm.evidence.ScorerDeadline` when time runs out."""
+        scorer = self.scorer
+        if scorer is None or not items:
+            return None
+        from ..evidence import measure_pairs
+
+        return measure_pairs(scorer, items, deadline=deadline)
+
     def judge_or_error(self) -> Any:
         """The judge, or the exception building it raised (logged; the next call tries again)."""
         try:
@@ -192,12 +235,14 @@ class JudgeRunner:
         return tokens
 
     def messages(self, exemplars: Sequence[str], prompt: str, a: str, b: str,
-                 judge: Any = None) -> list[dict[str, str]]:
-        """The judge prompt for (A, B), fitted to ``max_prompt_tokens`` (raises :class:`PromptTooLong`)."""
+                 judge: Any = None, evidence: Any = None) -> list[dict[str, str]]:
+        """The judge prompt for (A, B), fitted to ``max_prompt_tokens`` (raises :class:`PromptTooLong`);
+        ``evidence``: the measures on A and B, in that order, for an evidence-informed judge."""
         judge = self.judge_or_error() if judge is None else judge
         budget = ExemplarBudget(self.settings.max_prompt_tokens, special_tokens=self.special_tokens(judge))
         count = getattr(judge, "count_tokens", None)
-        return budget.fit(count or estimated_counter(self.settings.chars_per_token), exemplars, prompt, a, b).messages
+        return budget.fit(count or estimated_counter(self.settings.chars_per_token), exemplars, prompt, a, b,
+                          evidence).messages
 
     def text_counter(self, judge: Any) -> Callable[[str], int]:
         count = getattr(judge, "count_text_tokens", None)
@@ -319,14 +364,29 @@ class JudgeRunner:
         deadline = time.monotonic() + self.settings.deadline_s if deadline is None else deadline
         judge = self.judge_or_error()
         try:
+            evidence = self.measure([_evidence_input(exemplars, prompt, response_a, response_b)], deadline)
+        except Exception as exc:  # noqa: BLE001 -- the scorer's failure fails this judgment, named
+            return JudgedPair.failed(*self.evidence_failure(exc))
+        try:
             with self.counting_within(judge, time.monotonic() + max(0.0, deadline - time.monotonic()) / 4):
-                messages = self.messages(exemplars, prompt, response_a, response_b, judge)
+                messages = self.messages(exemplars, prompt, response_a, response_b, judge,
+                                         evidence[0] if evidence else None)
         except PromptTooLong as exc:
             return JudgedPair.failed("prompt_too_long", str(exc))
         result = self.judge_many([messages], deadline=deadline)[0]
         failed = int(not result.ok)
         self.record(1, failed, 1, {result.kind: 1} if failed else {}, {result.kind: result.detail} if failed else {})
         return result
+
+    def evidence_failure(self, exc: Exception) -> tuple[str, str]:
+        """``(kind, detail)`` of a judgment that could not get its evidence (counted and logged once)."""
+        from ..evidence import ScorerDeadline
+
+        if isinstance(exc, ScorerDeadline):
+            return "deadline", f"the evidence was not measured before the deadline ({exc})"
+        self.handled.note("evidence_error", f"the evidence scorer failed ({type(exc).__name__}: {exc}); the samples "
+                          "it was measuring score failure_reward")
+        return "evidence_error", f"{type(exc).__name__}: {exc}"
 
     def probe(self, timeout: float | None = None) -> JudgedPair:
         """Judge one small pair now; raise :class:`JudgeUnavailable` naming the cause when the judge
@@ -338,8 +398,13 @@ class JudgeRunner:
         if isinstance(judge, Exception):
             raise JudgeUnavailable(f"persrm: the judge backend cannot start: {type(judge).__name__}: {judge}")
         try:
+            evidence = self.measure([_evidence_input(*PROBE_PAIR)], deadline)
+        except Exception as exc:  # noqa: BLE001 -- named in the error that stops the run
+            raise JudgeUnavailable(f"persrm: the evidence scorer failed its start-up probe: {type(exc).__name__}: "
+                                   f"{exc}") from None
+        try:
             with self.counting_within(judge, deadline):
-                messages = self.messages(*PROBE_PAIR, judge=judge)
+                messages = self.messages(*PROBE_PAIR, judge=judge, evidence=evidence[0] if evidence else None)
         except PromptTooLong as exc:
             raise JudgeUnavailable(f"persrm: max_prompt_tokens={s.max_prompt_tokens} cannot hold even a "
                                    f"tiny judgment: {exc}") from None
@@ -350,6 +415,12 @@ class JudgeRunner:
                                    f"({failure_kind(out)}): {out}")
         logger.info("persrm: judge %s answered the start-up probe", getattr(judge, "name", "?"))
         return JudgedPair(None, None, out, None)
+
+
+def _evidence_input(exemplars: Sequence[str], prompt: str, first: str, second: str) -> Any:
+    from ..evidence import EvidenceInput
+
+    return EvidenceInput(tuple(exemplars), prompt, first, second)
 
 
 @dataclass

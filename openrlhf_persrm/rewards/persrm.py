@@ -74,7 +74,8 @@ __all__ = ["PersRMReward", "PreparedSample", "JudgedPair", "JudgeUnavailable", "
            "END_MARKERS", "MODES", "clean_response", "truncate", "judgment_value", "parse_persrm_label"]
 
 #: Why a judgment or a sample failed: backend errors, parser failures, and per-sample causes.
-FAILURE_KINDS = (*ERROR_KINDS, *(k.value for k in FailureKind), "prompt_too_long", "bad_label", "bad_input")
+FAILURE_KINDS = (*ERROR_KINDS, *(k.value for k in FailureKind), "prompt_too_long", "bad_label", "bad_input",
+                 "evidence_error")
 
 #: Logged for every sample (OpenRLHF averages each over the batch). ``judge_fail_<kind>`` counts
 #: the sample's failed judgments (or 1 for a per-sample cause) by kind.
@@ -224,16 +225,20 @@ class PersRMReward(JudgingPlugin):
         asked: list[tuple[int, int]] = []
         judge_prompts: list[list[dict[str, str]]] = []
         seeds: list[int] = []
-        for sample in samples:
+        evidence = self.measure_evidence(samples, deadline, ledger)
+        for k, sample in enumerate(samples):
             i = sample.index
             if time.monotonic() >= deadline:
                 ledger.fail(i, "deadline", "the deadline passed while the judge prompts were being prepared")
                 continue
+            if evidence is False:
+                continue  # failed in the ledger
+            ev = evidence[k] if evidence else None
             try:
                 both = [self._runner.messages(sample.exemplars, sample.prompt, sample.response, sample.reference,
-                                              judge),
+                                              judge, ev),
                         self._runner.messages(sample.exemplars, sample.prompt, sample.reference, sample.response,
-                                              judge)]
+                                              judge, ev.swapped() if ev else None)]
             except PromptTooLong as exc:
                 ledger.logs[i]["prompt_too_long"] = 1.0
                 ledger.fail(i, "prompt_too_long", str(exc))
@@ -244,6 +249,20 @@ class PersRMReward(JudgingPlugin):
                     judge_prompts.append(messages)
                     seeds.append(self.seed + vote)
         return asked, judge_prompts, seeds
+
+    def measure_evidence(self, samples: Sequence[PreparedSample], deadline: float, ledger: Ledger) -> list[Any] | None | bool:
+        """Evidence on (sample, reference) for every sample, in one scorer batch within the deadline; None when
+        the judge reads none; False when it could not be measured (the samples fail in ``ledger``)."""
+        from ..evidence import EvidenceInput
+
+        items = [EvidenceInput(tuple(s.exemplars), s.prompt, s.response, s.reference) for s in samples]
+        try:
+            return self._runner.measure(items, deadline)
+        except Exception as exc:  # noqa: BLE001 -- every sample fails, named; the stop rule watches the rate
+            kind, detail = self._runner.evidence_failure(exc)
+            for s in samples:
+                ledger.fail(s.index, kind, detail)
+            return False
 
     def aggregate(self, ledger: Ledger, asked: list[tuple[int, int]], judged: list[JudgedPair]) -> RewardOutput:
         """Rewards from the judgments (both orders needed), the stop rule's count, the output."""

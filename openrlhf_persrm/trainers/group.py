@@ -251,13 +251,19 @@ class PersRMGroup(JudgingPlugin, TrainerPlugin):
             count_text = runner.text_counter(judge)
             for g in groups:
                 g.members = [runner.fit_candidate(m, count_text)[0] for m in g.members]
+            evidence = self._evidence(groups, deadline)
+            for g in groups:
                 for i, j in g.pairs:
                     for a, b in ((i, j), (j, i)):
                         if time.monotonic() >= deadline:
                             g.fail(a, b, "deadline", "the deadline passed while the judge prompts were prepared")
                             continue
+                        if isinstance(evidence, tuple):
+                            g.fail(a, b, *evidence)
+                            continue
+                        ev = evidence.get((id(g), a, b)) if evidence else None
                         try:
-                            messages = runner.messages(g.exemplars, g.prompt, g.members[a], g.members[b], judge)
+                            messages = runner.messages(g.exemplars, g.prompt, g.members[a], g.members[b], judge, ev)
                         except PromptTooLong as exc:
                             g.fail(a, b, "prompt_too_long", str(exc))
                             continue
@@ -273,6 +279,28 @@ class PersRMGroup(JudgingPlugin, TrainerPlugin):
                 g.judged.append((a, b, res.score_a, res.score_b))
             else:
                 g.fail(a, b, res.kind or res.failure or "judge_error", res.detail)
+
+    def _evidence(self, groups: list[_Group], deadline: float) -> dict[tuple[int, int, int], Any] | tuple | None:
+        """Evidence on every compared pair, both orders, by ``(id(group), a, b)``, measured in one scorer batch
+        (each member's measures are computed once); None when the judge reads none; ``(kind, detail)`` when
+        the scorer failed (every comparison fails with it)."""
+        from ..evidence import EvidenceInput
+
+        keys, items = [], []
+        for g in groups:
+            for i, j in g.pairs:
+                keys.append((g, i, j))
+                items.append(EvidenceInput(tuple(g.exemplars), g.prompt, g.members[i], g.members[j]))
+        try:
+            measured = self._runner.measure(items, deadline)
+        except Exception as exc:  # noqa: BLE001 -- named in every comparison's failure
+            return self._runner.evidence_failure(exc)
+        if measured is None:
+            return None
+        out: dict[tuple[int, int, int], Any] = {}
+        for (g, i, j), ev in zip(keys, measured):
+            out[(id(g), i, j)], out[(id(g), j, i)] = ev, ev.swapped()
+        return out
 
     def _judge_serve(self, groups: list[_Group], deadline: float) -> None:
         """Every comparison of the step through ``persrm serve``'s batched ``/get_reward``, the requests
