@@ -18,6 +18,12 @@ The random model never writes EOS, so every judgment decodes exactly ``--max_new
 tokens in every run. ``speedup`` (last line) is batching alone: one at a time / batched;
 ``prefix_gain`` is batched / batched + shared prefix.
 
+Then the evidence an evidence-informed judge reads (``openrlhf_persrm.evidence``): the same model as
+the frozen scorer measures both candidates of every judgment (exemplar gain, fluency, style, copying;
+four scoring passes per pair, the exemplars' context shared), batched like the judge.
+``evidence_cost`` is its seconds per judgment over the batched judge's (the reward measures a pair once
+for its two judgments, so the cost per reward call is half of it).
+
 Then the ``persrm`` plugin's own cost per reward call (one sample, two judgments, as OpenRLHF
 calls it), with model time excluded: the backend is a stub answering instantly. Prints
 ``speedup=<ratio>`` last.
@@ -111,6 +117,20 @@ def concurrent_judgments(judge, requests) -> tuple[float, list[str]]:
     return time.perf_counter() - t0, outputs
 
 
+def evidence_seconds(model_path: str, n: int) -> float:
+    """Wall seconds to measure the evidence on the candidates of ``n`` judgments (batched, after a warm-up)."""
+    from openrlhf_persrm.evidence import EvidenceInput, LocalScorer, measure_pairs
+
+    items = [EvidenceInput(tuple(EXEMPLARS), f"Describe your morning, day {i}.",
+                           f"Up at six. Dog walked, coffee made, list written: day {i}.",
+                           f"My mornings are wonderfully relaxed and I love sleeping in on day {i}!") for i in range(n)]
+    scorer = LocalScorer(model_path=model_path, batch_size=n, cache_size=0)
+    measure_pairs(scorer, items[:1])
+    t0 = time.perf_counter()
+    measure_pairs(scorer, items)
+    return time.perf_counter() - t0
+
+
 def plugin_overhead_us(n_calls: int) -> float:
     from openrlhf_persrm.rewards.persrm import PersRMReward
 
@@ -181,9 +201,15 @@ def main() -> int:
             print(f"{label:>23}: {len(requests)} judgments ({tokens} tokens) in {seconds:6.2f} s = "
                   f"{len(requests) / seconds:6.2f} judgments/s", flush=True)
             judge.close()
+        evidence_s = evidence_seconds(path, args.concurrent)
     for label in ("batched", "batched + shared prefix"):
         same = sum(a == b for a, b in zip(results[label][1], results["one at a time"][1]))
         print(f"identical greedy outputs, {label} vs one at a time: {same}/{len(requests)}")
+    shared_s = results["batched + shared prefix"][0]
+    print(f"evidence for {args.concurrent} pairs (same model as scorer, batched): {evidence_s:6.2f} s = "
+          f"{evidence_s / args.concurrent * 1000:.0f} ms per judgment, against {shared_s / args.concurrent * 1000:.0f} "
+          f"ms per judgment (batched + shared prefix)")
+    print(f"evidence_cost={evidence_s / shared_s:.2f}")
     print(f"persrm plugin overhead per reward call (1 sample, 2 judgments, stub backend): "
           f"{plugin_overhead_us(2000):.0f} us")
     one, batched, shared = (results[k][0] for k in ("one at a time", "batched", "batched + shared prefix"))

@@ -65,13 +65,60 @@ def materialize_smollm2(cache_dir: str | os.PathLike = DEFAULT_MODEL_CACHE) -> s
 
 
 def resolve_model(name_or_path: str, cache_dir: str | os.PathLike = DEFAULT_MODEL_CACHE) -> str:
-    """A local checkpoint path for a model name: the built-in alias, or a path as given."""
+    """A local checkpoint path for a model name: the built-in alias, or a path as given; a LoRA adapter
+    folder (``adapter_config.json``, e.g. a judge trained with ``--ds.lora.rank``) is merged into its
+    base model once (:func:`merged_adapter`)."""
     if name_or_path.lower() in (SMOLLM2, "smollm2"):
         return materialize_smollm2(cache_dir)
     if not os.path.exists(name_or_path):
         raise FileNotFoundError(f"model {name_or_path!r} is neither a local checkpoint nor the built-in "
                                 f"{SMOLLM2!r}; nothing is downloaded at run time")
+    if os.path.isfile(os.path.join(name_or_path, ADAPTER_CONFIG)):
+        return merged_adapter(name_or_path, cache_dir)
     return name_or_path
+
+
+ADAPTER_CONFIG = "adapter_config.json"
+#: Inside an adapter folder: its merge with the base model (made on first use).
+MERGED = "merged"
+
+
+def merged_adapter(adapter: str | os.PathLike, cache_dir: str | os.PathLike = DEFAULT_MODEL_CACHE) -> str:
+    """A full checkpoint of a LoRA adapter merged into its base model, in ``<adapter>/merged`` (made once;
+    the adapter's judge card goes with it). The base is the adapter's ``base_model_name_or_path``: a local
+    folder or the built-in ``smollm2-135m-instruct``, resolved like any model name."""
+    import json
+
+    adapter = Path(adapter)
+    out = adapter / MERGED
+    if (out / ".complete").is_file():
+        return str(out)
+    config = json.loads((adapter / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+    base_name = str(config.get("base_model_name_or_path") or "")
+    if not base_name:
+        raise ValueError(f"{adapter / ADAPTER_CONFIG} names no base_model_name_or_path to merge into")
+    base = resolve_model(base_name, cache_dir)
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    logger.info("merging the LoRA adapter %s into %s (once)", adapter, base)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+    tok_src = adapter if (adapter / "tokenizer_config.json").is_file() else Path(base)
+    tmp = out.with_name(out.name + ".partial")
+    model.save_pretrained(tmp)
+    AutoTokenizer.from_pretrained(str(tok_src)).save_pretrained(tmp)
+    card = adapter / JUDGE_CARD
+    if card.is_file():
+        (tmp / JUDGE_CARD).write_text(card.read_text(encoding="utf-8"), encoding="utf-8")
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    (out / ".complete").write_text(f"merged from {adapter} into {base}\n")
+    return str(out)
 
 
 #: A judge checkpoint's card: what it was trained with (written by ``persrm pipeline`` into each checkpoint).

@@ -46,6 +46,8 @@ MODEL_JUDGES = ("base", "sft", "grpo")
 BASELINE_JUDGES = ("random", "length", "stylometry", "artefact", "evidence")
 #: Judges that read the untrained base model's likelihoods (no generation).
 LIKELIHOOD_JUDGES = ("fluency", "likelihood")
+#: Judges that read the rows' evidence (measured with the base model where a row has none).
+READER_JUDGES = ("reader", "oracle")
 
 
 class RecipeError(ValueError):
@@ -66,10 +68,14 @@ class EvalSpec:
     curve: dict[str, Any] | None = None
     #: Per-judge pair limits that override ``limit``, e.g. {"base": 50} for a slow untrained judge.
     judge_limits: dict[str, int] = field(default_factory=dict)
+    #: Extra judges: a label -> a judge checkpoint folder (e.g. a shipped adapter), judged like sft/grpo.
+    models: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        known = BASELINE_JUDGES + LIKELIHOOD_JUDGES + MODEL_JUDGES
-        bad = [j for j in self.judges if j not in known]
+        known = BASELINE_JUDGES + LIKELIHOOD_JUDGES + READER_JUDGES + MODEL_JUDGES + tuple(self.models)
+        # "likelihood@grpo": the exemplar gain measured with a trained judge's own likelihoods
+        bad = [j for j in self.judges if j not in known
+               and not (j.partition("@")[0] in LIKELIHOOD_JUDGES and j.partition("@")[2] in MODEL_JUDGES)]
         if bad:
             raise RecipeError(f"eval.judges: unknown {bad}; choose from {list(known)}")
         unknown = sorted(set(self.judge_limits) - set(self.judges))
@@ -102,6 +108,9 @@ class Recipe:
     #: ["deepspeed", "--num_gpus", "8", "--module"] or ["torchrun", "--nproc_per_node", "8", "-m"];
     #: empty: one process (CPU, or a single GPU).
     sft_launch: list[str] = field(default_factory=list)
+    #: Where to put a copy of the run's report (eval/report.md, with its figures beside it), e.g.
+    #: docs/study-x.md; relative to where the command runs. Empty: the report stays in the workdir.
+    report: str = ""
     notes: str = ""
 
     def __post_init__(self) -> None:
@@ -115,6 +124,7 @@ class Recipe:
             raise RecipeError("grpo without sft: set grpo['actor.model_name_or_path'] to the model to train")
         if self.eval is not None:
             for judge in self.eval.judges:
+                judge = judge.partition("@")[2] or judge
                 if judge in ("sft", "grpo") and getattr(self, judge) is None:
                     raise RecipeError(f"eval.judges names {judge!r} but the recipe has no {judge} stage")
 
@@ -259,6 +269,44 @@ class Pipeline:
     def _resolve(self, flags: dict[str, Any] | None) -> dict[str, Any]:
         return resolve_paths(flags, self.base, self.work)
 
+    @property
+    def lora(self) -> bool:
+        """Whether stage 1 trains a LoRA adapter (``ds.lora.rank`` > 0): its folder then holds the adapter,
+        and ``<folder>/merged`` the full model the later stages and the judges use."""
+        return int((self.r.sft or {}).get("ds.lora.rank", 0) or 0) > 0
+
+    def trained(self, stage: str) -> str:
+        """The full model a training stage leaves (the merged adapter for a LoRA stage 1)."""
+        folder = self.work / stage
+        return str(folder / "merged") if stage == "sft" and self.lora else str(folder)
+
+    def evidence_scorer(self) -> str | None:
+        """The scorer the synth stage measures evidence with (None: the data has no evidence)."""
+        synth = self.r.synth
+        return synth.get("evidence.scorer") or synth.get("evidence.served_model") or None
+
+    def card(self) -> dict[str, Any] | None:
+        """The judge card of this run's trained judges: evidence-informed when the data carries evidence."""
+        scorer = self.evidence_scorer()
+        if scorer is None:
+            return None
+        from .evidence.measures import EVIDENCE_VERSION
+
+        return {"evidence": {"version": EVIDENCE_VERSION, "scorer": scorer}, "recipe": self.r.name,
+                "base_model": self.r.model, "version": __version__}
+
+    def write_cards(self, stage: str) -> None:
+        """Put the judge card into a training stage's model and every checkpoint it saved (before any merge)."""
+        from .models import write_judge_card
+
+        card = self.card()
+        if card is None:
+            return
+        folders = [self.work / stage] + sorted((self.work / f"{stage}_ckpt").glob("global_step*_hf"))
+        for folder in folders:
+            if (folder / "config.json").exists() or (folder / "adapter_config.json").exists():
+                write_judge_card(folder, card)
+
     def plan(self) -> list[Stage]:
         r, py, data = self.r, self.python, self.data
         mode = {True: ["--cpu"], False: ["--gpu"]}.get(r.cpu, [])
@@ -279,8 +327,8 @@ class Pipeline:
             stages.append(Stage("sft", argv, [str(self.work / "sft" / "config.json")], {"sft": sft},
                                 launcher="train_sft", inputs={"data.dataset": str(data / "sft.jsonl"),
                                                               "model.model_name_or_path": model},
-                                weights=(model, str(self.work / "sft"))))
-            model = str(self.work / "sft")
+                                weights=(model, self.trained("sft"))))
+            model = self.trained("sft")
         if r.grpo is not None:
             grpo = self._resolve(r.grpo)
             actor = grpo.get("actor.model_name_or_path", model)
@@ -451,7 +499,7 @@ class Pipeline:
                       flush=True)
                 continue
             needs_base = "@base" in stage.argv or (stage.name == "eval" and any(
-                j in self.r.eval.judges for j in ("base",) + LIKELIHOOD_JUDGES))
+                j in self.r.eval.judges for j in ("base",) + LIKELIHOOD_JUDGES + READER_JUDGES))
             if needs_base and base is None:
                 base = self.base_model()
             argv = [base if a == "@base" else a for a in stage.argv]
@@ -479,6 +527,12 @@ class Pipeline:
                                                   seconds=round(time.time() - t0, 1), outputs=stage.outputs,
                                                   argv=argv, **({"judges": self.judges} if partial else {}))
             print(f"   {stage.name} done in {time.time() - t0:.0f} s", flush=True)
+            if stage.name in ("sft", "grpo"):
+                self.write_cards(stage.name)
+                if stage.name == "sft" and self.lora:
+                    from .models import resolve_model
+
+                    resolve_model(str(self.work / "sft"))  # merges the adapter into sft/merged
             if stage.weights is not None:
                 self._check_weights(stage, manifest["stages"][stage.name], base)
             self._save_manifest(manifest)
@@ -554,10 +608,13 @@ class Pipeline:
         """The ``persrm eval`` command line of one of the recipe's judges."""
         spec = self.r.eval
         assert spec is not None
-        models = {"base": base, "sft": str(self.work / "sft"), "grpo": str(self.work / "grpo")}
+        models = {"base": base, "sft": str(self.work / "sft"), "grpo": str(self.work / "grpo"),
+                  **{k: _absolute(v, self.base) if _local(v, self.base) else v for k, v in spec.models.items()}}
         argv = ["--pairs", str(self.data / "pairs.jsonl"), "--out", str(self.work / "eval" / judge),
                 "--seed", str(self.r.seed), "--label", {"base": f"untrained ({self.r.model})", "sft": "PersRM SFT",
                                                         "grpo": "PersRM SFT+GRPO"}.get(judge, judge)]
+        if self.evidence_scorer() and judge in ("base", "sft", "grpo"):
+            argv[-1] += " + evidence"
         if spec.split:
             argv += ["--split", spec.split]
         limit = spec.judge_limits.get(judge, spec.limit)
@@ -565,10 +622,18 @@ class Pipeline:
             argv += ["--limit", str(limit)]
         if spec.both_orders:
             argv += ["--both_orders"]
-        if judge in MODEL_JUDGES:
+        if judge in MODEL_JUDGES or judge in spec.models:
             argv += ["--judge", "model", "--model", str(models[judge])] + _flags(spec.flags)
-        elif judge in LIKELIHOOD_JUDGES:
-            argv += ["--judge", judge, "--model", str(base)]
+            if judge == "base" and self.evidence_scorer():
+                # the untrained model, shown the same evidence the trained judges read
+                argv += ["--evidence", "on", "--scorer", str(base)]
+        elif judge.partition("@")[0] in LIKELIHOOD_JUDGES:
+            name, _, scorer = judge.partition("@")
+            argv += ["--judge", name, "--model", str(models[scorer] if scorer else base)]
+            if scorer:
+                argv[argv.index("--label") + 1] = f"{name} (the {scorer} judge's own likelihoods)"
+        elif judge in READER_JUDGES:
+            argv += ["--judge", judge, "--scorer", str(base)]
         else:
             argv += ["--judge", judge]
         return argv
@@ -605,6 +670,9 @@ class Pipeline:
             self._run_curve(spec, out / "curve")
         table = compare(metrics, str(out / "compare.png"), str(out / "compare.md"))
         print(table, flush=True)
+        from .report import write_report
+
+        write_report(self, metrics, copy_to=_absolute(self.r.report, self.base) if self.r.report else None)
 
     def checkpoints(self) -> list[tuple[str, int, str]]:
         """``(stage, step, path)`` of every saved HF checkpoint, SFT then GRPO, in step order."""
@@ -737,6 +805,7 @@ def run_recipe(path: str, *, only: Sequence[str] = (), verbose: bool = False, wo
     if corpus:
         recipe.synth["input"] = os.path.abspath(corpus) if corpus != "demo" else corpus
     pipeline = Pipeline(recipe, verbose=verbose, judges=judges)
+    pipeline.recipe_path = os.path.relpath(path) if not os.path.isabs(path) else path
     if dry_run:
         return pipeline.dry_run(only)
     return pipeline.run(only)

@@ -59,7 +59,7 @@ def test_judges_option_adds_one_judge_and_leaves_the_stage_unfinished(tmp_path, 
 
 @pytest.mark.parametrize("overrides,match", [
     ({"synth": {}}, "synth.input is missing"),
-    ({"eval": {"judges": ["oracle"]}}, "unknown \\['oracle'\\]"),
+    ({"eval": {"judges": ["psychic"]}}, "unknown \\['psychic'\\]"),
     ({"eval": {"judges": ["sft"]}}, "no sft stage"),
     ({"grpo": {"vllm.num_engines": 1}}, "grpo without sft"),
     ({"typo_key": 1}, "unknown keys \\['typo_key'\\]"),

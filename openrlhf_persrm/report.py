@@ -1,0 +1,133 @@
+"""The report of a pipeline run, written by the run itself (``<workdir>/eval/report.md``).
+
+Everything in it is read from what the stages wrote: the synth manifest (the data, and how often
+each evidence measure alone picks the real text, by split and negative type), every judge's
+``metrics.json`` (the comparison table and plot), the learning curve (``eval/curve/curve.json``),
+where the trained judges disagree with the exemplar gain and who was right, and each stage's
+wall-clock time (the run manifest). A recipe's ``report:`` key puts a copy, with its figures, in
+``docs/``; nothing in it is typed by hand.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Sequence
+
+from .eval.report import _ci, _pct, compare_table
+
+_MEASURES = (("gain", "exemplar gain"), ("fluency", "fluency"), ("style", "style"), ("reader", "fixed reader"))
+
+
+def _load(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def measures_table(evidence: dict[str, Any], split: str) -> list[str]:
+    """How often each measure alone picks the real text, by negative type (synth manifest)."""
+    rows = evidence.get(split)
+    if not rows:
+        return []
+    lines = [f"| type | pairs | how alike % | " + " | ".join(name for _, name in _MEASURES) + " |",
+             "|---|---|---|" + "---|" * len(_MEASURES)]
+    for ntype, m in sorted(rows.items(), key=lambda kv: (kv[0] == "all", kv[0])):
+        cells = [f"**{ntype}**" if ntype == "all" else ntype, str(m["n"]), _pct(m.get("alike"))]
+        cells += [_pct(m.get(key)) for key, _ in _MEASURES]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def curve_table(points: Sequence[dict[str, Any]]) -> list[str]:
+    lines = ["| checkpoint | accuracy % [95% CI] | format failures % | consistency % |", "|---|---|---|---|"]
+    for p in points:
+        name = f"{p['stage'].upper()} {'final' if p['step'] < 0 else 'step ' + str(p['step'])}"
+        cons = p.get("consistency")
+        cons = cons.get("rate") if isinstance(cons, dict) else cons
+        lines.append(f"| {name} | {_pct(p['accuracy'])} {_ci(p['ci95']) if p.get('ci95') else ''} | "
+                     f"{_pct(p.get('format_failure_rate'))} | {_pct(cons)} |")
+    return lines
+
+
+def versus_gain_table(runs: Sequence[dict[str, Any]]) -> list[str]:
+    lines = ["| judge | type | judgments | agree with gain | disagree | judge right | gain right |",
+             "|---|---|---|---|---|---|---|"]
+    found = False
+    for m in runs:
+        vs = m.get("versus_gain")
+        if not vs:
+            continue
+        found = True
+        for ntype, c in [("all", vs["overall"])] + sorted(vs["by_type"].items()):
+            lines.append(f"| {m.get('label', '?')} | {ntype} | {c.get('judgments', 0)} | {c.get('agree', 0)} | "
+                         f"{c.get('disagree', 0)} | {c.get('judge_right', 0)} | {c.get('measure_right', 0)} |")
+    return lines if found else []
+
+
+def write_report(pipeline: Any, metrics_paths: Sequence[str], copy_to: str | None = None) -> str:
+    """Write ``<workdir>/eval/report.md`` (and a copy with its figures at ``copy_to``); returns its path."""
+    work = Path(pipeline.work)
+    eval_dir = work / "eval"
+    runs = [m for m in (_load(Path(p)) for p in metrics_paths) if m]
+    manifest = _load(work / "manifest.json") or {}
+    synth = _load(work / "data" / "manifest.json") or {}
+    spec = pipeline.r.eval
+    figures = {"compare": eval_dir / "compare.png", "curve": eval_dir / "curve" / "learning_curve.png"}
+    prefix = Path(copy_to).stem + "_" if copy_to else ""
+
+    def fig(key: str) -> str:
+        return f"{prefix}{figures[key].name}" if copy_to else os.path.relpath(figures[key], eval_dir)
+
+    out = [f"# {pipeline.r.name}: results", "",
+           "Written by `persrm pipeline` from this run's outputs; rerun the recipe to remake it:", "",
+           "```bash", f"persrm pipeline {getattr(pipeline, 'recipe_path', 'RECIPE.yaml')}", "```", ""]
+    stages = manifest.get("stages", {})
+    if stages:
+        times = ", ".join(f"{name} {v['seconds'] / 60:.0f} min" for name, v in stages.items()
+                          if isinstance(v.get("seconds"), (int, float)))
+        out += [f"Stage times on the machine that ran it: {times}.", ""]
+    counts = synth.get("counts")
+    if counts:
+        out += ["## Data", "", "Pairs by split and negative type (`data/manifest.json`):", "",
+                "| split | " + " | ".join(sorted({t for c in counts.values() for t in c})) + " |",
+                "|---|" + "---|" * len({t for c in counts.values() for t in c})]
+        types = sorted({t for c in counts.values() for t in c})
+        out += [f"| {split} | " + " | ".join(str(c.get(t, 0)) for t in types) + " |" for split, c in counts.items()]
+        out.append("")
+    evidence = synth.get("evidence")
+    if evidence and spec is not None:
+        split = spec.split or "test_unseen_authors"
+        table = measures_table(evidence, split)
+        if table:
+            out += [f"## Each measure alone ({split})", "",
+                    f"How often each measure of the evidence alone picks the real text (ties count half); scorer "
+                    f"`{evidence.get('scorer')}`. The fixed reader trusts fluency when the candidates are nearly "
+                    "identical and the exemplar gain otherwise; it is what the evidence traces teach.", ""] + table + [""]
+    if runs:
+        out += ["## Judges", "", f"On `{spec.split if spec else '?'}`" + (", both A/B orders" if spec and spec.both_orders
+                                                                           else "") + ":", "", compare_table(runs),
+                f"![comparison]({fig('compare')})", ""]
+    curve = _load(eval_dir / "curve" / "curve.json")
+    if curve:
+        out += ["## Learning curve", "", f"Every saved checkpoint on `{spec.curve['split']}`, both orders "
+                "(`eval/curve/curve.json`):", ""] + curve_table(curve) + ["", f"![learning curve]({fig('curve')})", ""]
+    vs = versus_gain_table(runs)
+    if vs:
+        out += ["## Where the judge and the exemplar gain disagree", "",
+                "Judgments where a trained judge's verdict and the exemplar gain's differ, and who picked the real "
+                "text:", ""] + vs + [""]
+    text = "\n".join(out)
+    path = eval_dir / "report.md"
+    path.write_text(text, encoding="utf-8")
+    if copy_to:
+        dest = Path(copy_to)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_text(text, encoding="utf-8")
+        for key, src in figures.items():
+            if src.exists():
+                shutil.copyfile(src, dest.parent / f"{prefix}{src.name}")
+    return str(path)
