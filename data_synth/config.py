@@ -51,6 +51,10 @@ class SplitConfig:
     unseen_authors: float = _help(
         "Authors held out entirely for the test_unseen_authors split: a fraction of all authors, or a whole "
         "number >= 1 of authors.", default=0.2)
+    unseen_author_names: tuple[str, ...] = _help(
+        "Comma-separated authors held out for test_unseen_authors by name, instead of a seeded choice of "
+        "--split.unseen_authors of them (e.g. to keep a shipped judge's held-out people out of a demo's training).",
+        default=())
     unseen_works: float = _help(
         "Fraction of the remaining authors with two or more works that have one work held out for the "
         "test_unseen_works split.", default=0.5)

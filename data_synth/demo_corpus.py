@@ -14,16 +14,18 @@ from collections import defaultdict
 
 from .corpus import iter_corpus_lines
 
-#: Ten authors of clearly different styles: novel, essay, speech, dialect, modernism.
+#: Ten authors of clearly different styles: novel, essay, speech, dialect, modernism. The demo holds out
+#: three of them (franklin_d_roosevelt, lm_montgomery, robert_louis_stevenson), people the shipped judge
+#: (openrlhf_persrm/data/judges) never trained on either: they are in the development study's held-out authors.
 DEMO_WORKS: tuple[tuple[str, str], ...] = (
     ("jane_austen", "persuasion"), ("jane_austen", "emma"),
     ("mark_twain", "adventures_of_huckleberry_finn"), ("mark_twain", "the_adventures_of_tom_sawyer"),
-    ("herman_melville", "moby_dick"),
+    ("robert_louis_stevenson", "treasure_island"), ("robert_louis_stevenson", "dr_jekyll_and_mr_hyde"),
     ("alexander_hamilton", "federalist_83"), ("alexander_hamilton", "federalist_06"),
     ("alexander_hamilton", "federalist_70"),
     ("franklin_d_roosevelt", "state_of_the_union_1943"), ("franklin_d_roosevelt", "state_of_the_union_1945"),
     ("arthur_conan_doyle", "a_study_in_scarlet"), ("arthur_conan_doyle", "the_hound_of_the_baskervilles"),
-    ("lewis_carroll", "alices_adventures_in_wonderland"),
+    ("lm_montgomery", "anne_of_green_gables"), ("lm_montgomery", "rainbow_valley"),
     ("james_joyce", "ulysses"),
     ("hg_wells", "the_time_machine"), ("hg_wells", "a_short_history_of_the_world"),
     ("mary_shelley", "frankenstein"), ("mary_shelley", "the_last_man"),

@@ -52,7 +52,14 @@ def split_corpus(paragraphs: Sequence[Paragraph], cfg: SplitConfig, seed: int) -
     for p in paragraphs:
         by_author[p.author].append(p)
     authors = sorted(by_author, key=lambda a: seeded_key(seed, "unseen_author", a))
-    n_unseen = _count(cfg.unseen_authors, len(authors))
+    if cfg.unseen_author_names:
+        missing = sorted(set(cfg.unseen_author_names) - set(authors))
+        if missing:
+            raise ValueError(f"--split.unseen_author_names names {missing}, not in the corpus (after --corpus.*)")
+        n_unseen, authors = len(cfg.unseen_author_names), (
+            sorted(cfg.unseen_author_names) + [a for a in authors if a not in set(cfg.unseen_author_names)])
+    else:
+        n_unseen = _count(cfg.unseen_authors, len(authors))
     # Keep two seen authors at least, so training has cross-author negatives.
     n_unseen = max(0, min(n_unseen, len(authors) - 2))
     unseen = sorted(authors[:n_unseen])
