@@ -72,8 +72,10 @@ def _add_fields(group: argparse._ArgumentGroup, cls: type, prefix: str) -> None:
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
         shown = ",".join(default) if isinstance(default, tuple) else default
         help_text = f.metadata.get("help", "") + ("" if required else f" (default: {shown})")
+        # a bool flag may stand alone (a switch, as recipes write `true`) or take a value
+        switch = {"nargs": "?", "const": True} if conv is _bool else {}
         group.add_argument(f"--{prefix}{f.name}", dest=f"{prefix}{f.name}", type=conv, metavar=metavar,
-                           required=required, default=argparse.SUPPRESS, help=help_text)
+                           required=required, default=argparse.SUPPRESS, help=help_text, **switch)
 
 
 def make_parser() -> argparse.ArgumentParser:

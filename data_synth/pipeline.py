@@ -788,7 +788,9 @@ def run_synth(cfg: SynthConfig, *, teacher: Any = None) -> dict[str, Any]:
         raise ValueError("no pair can be made from this input with these settings (see --corpus.* and "
                          "--pairs.min_continuation_words); use more paragraphs per author")
 
-    signature = {"format": FORMAT, "config": content_config(cfg), "input_sha256": corpus.sha256,
+    # The input is identified by its content (input_sha256): the same corpus named by another path resumes.
+    signature = {"format": FORMAT, "config": {k: v for k, v in content_config(cfg).items() if k != "input"},
+                 "input_sha256": corpus.sha256,
                  "code_version": code_version(), "tasks": len(plan.tasks)}
     signature = json.loads(json.dumps(signature))  # compare as stored: tuples become lists
     sig_path = work_dir / "signature.json"

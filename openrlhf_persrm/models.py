@@ -12,6 +12,7 @@ import importlib.util
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -165,3 +166,30 @@ def evidence_scorer_of(path: str | os.PathLike) -> str | None:
         raise ValueError(f"{path}: the judge was trained on evidence version {evidence.get('version')!r}; this "
                          f"release renders version {EVIDENCE_VERSION}: judge with the release that trained it")
     return str(evidence.get("scorer") or "")
+
+
+DTYPES = ("float32", "bfloat16", "auto")
+
+
+def native_bf16(device: str = "cpu") -> bool:
+    """Whether ``device`` computes bfloat16 natively (a GPU, or a CPU with AVX512-BF16 or AMX)."""
+    if device.startswith("cuda"):
+        return True
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def torch_dtype(name: str, device: str = "cpu") -> "Any":
+    """The torch dtype for ``float32``, ``bfloat16`` or ``auto`` (bfloat16 where ``device`` has it natively,
+    else float32: emulated bfloat16 is several times slower than float32 on such CPUs)."""
+    import torch
+
+    if name not in DTYPES:
+        raise ValueError(f"dtype {name!r}: use one of {', '.join(DTYPES)}")
+    if name == "bfloat16" or (name == "auto" and native_bf16(device)):
+        return torch.bfloat16
+    return torch.float32

@@ -60,6 +60,7 @@ class EvalSpec:
 
     split: str = "test_unseen_authors"
     limit: int = 0
+    limit_per_type: int = 0  # at most this many pairs of each negative type (0: no cap)
     both_orders: bool = False  # judge each pair twice (real text at A, then at B): position consistency
     judges: list[str] = field(default_factory=lambda: ["random", "stylometry", "base", "sft", "grpo"])
     flags: dict[str, Any] = field(default_factory=dict)  # extra `persrm eval` flags for model judges
@@ -620,6 +621,8 @@ class Pipeline:
         limit = spec.judge_limits.get(judge, spec.limit)
         if limit:
             argv += ["--limit", str(limit)]
+        if spec.limit_per_type:
+            argv += ["--limit_per_type", str(spec.limit_per_type)]
         if spec.both_orders:
             argv += ["--both_orders"]
         if judge in MODEL_JUDGES or judge in spec.models:

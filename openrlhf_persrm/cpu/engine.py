@@ -183,13 +183,14 @@ class BatchedEngine:
         *,
         tokenizer_path: str | None = None,
         trust_remote_code: bool = False,
+        dtype: torch.dtype = torch.float32,
         **kwargs: Any,
     ) -> "BatchedEngine":
-        """Load a HF checkpoint in float32 with SDPA attention and wrap it."""
+        """Load a HF checkpoint (float32 unless ``dtype`` says otherwise) with SDPA attention and wrap it."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         model = AutoModelForCausalLM.from_pretrained(
-            model_path, dtype=torch.float32, attn_implementation="sdpa", trust_remote_code=trust_remote_code
+            model_path, dtype=dtype, attn_implementation="sdpa", trust_remote_code=trust_remote_code
         )
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_path or model_path, trust_remote_code=trust_remote_code)
         return cls(model, tokenizer, **kwargs)

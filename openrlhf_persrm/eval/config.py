@@ -43,6 +43,10 @@ class EvalConfig:
                                       "are dropped or trimmed to fit")
     max_new_tokens: int = _f(512, "--judge model: tokens the judge may write")
     batch_size: int = _f(8, "--judge model (local): prompts generated together")
+    dtype: str = _f("float32", "--judge model (local): float32, bfloat16, or auto (bfloat16 where the CPU has it "
+                               "natively)")
+    limit_per_type: int = _f(0, "evaluate at most this many pairs of each negative type, after --split, taken in "
+                                "turn from each author (seeded; 0: no cap)")
     concurrency: int = _f(8, "--judge model (endpoint): requests in flight")
     fit_split: str = _f("train", "--judge artefact: the split of --pairs (all of its rows, whatever --split and "
                                  "--limit say) the artefact classifier is fitted on")
@@ -77,6 +81,10 @@ class EvalConfig:
         if self.endpoint and not self.endpoint.startswith(("http://", "https://")):
             raise ValueError(f"--endpoint {self.endpoint!r}: expected an http(s) URL such as "
                              "http://localhost:8000/v1")
+        if self.dtype not in ("float32", "bfloat16", "auto"):
+            raise ValueError(f"--dtype {self.dtype!r}: choose float32, bfloat16 or auto")
+        if self.limit_per_type < 0:
+            raise ValueError(f"--limit_per_type {self.limit_per_type}: must be 0 (no cap) or positive")
         if self.limit < 0:
             raise ValueError(f"--limit {self.limit}: must be 0 (all pairs) or positive")
         if self.bootstrap < 100:

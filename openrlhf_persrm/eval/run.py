@@ -66,6 +66,11 @@ def select_pairs(cfg: EvalConfig) -> tuple[list[PairRecord], dict[str, Any]]:
     if len(set(ids)) != len(ids):
         dup = next(i for i in ids if ids.count(i) > 1)
         raise ValueError(f"{cfg.pairs}: pair id {dup!r} occurs more than once; ids must be unique to score pairs")
+    if cfg.limit_per_type:
+        by_type: dict[str, list[PairRecord]] = {}
+        for r in records:
+            by_type.setdefault(r.negative_type, []).append(r)
+        records = [r for t in sorted(by_type) for r in spread_over_authors(by_type[t], cfg.limit_per_type, cfg.seed)]
     if cfg.limit and len(records) > cfg.limit:
         records = spread_over_authors(records, cfg.limit, cfg.seed)
     with open(cfg.pairs, "rb") as fh:
@@ -121,13 +126,14 @@ def make_judge(cfg: EvalConfig, records: Sequence[PairRecord] = ()) -> Judge:
     path = resolve_model(cfg.model)
     use, scorer = judge_evidence(cfg, path)
     evidence = evidence_for(records, scorer, batch_size=cfg.batch_size) if use else None
-    local = LocalJudge(path, batch_size=cfg.batch_size)
+    local = LocalJudge(path, batch_size=cfg.batch_size, dtype=cfg.dtype)
     # In chunks of a few batches: the backend's timeout then bounds one chunk, not the whole evaluation
     # (hundreds of judgments on a slow CPU outlast it), and the progress bar moves chunk by chunk.
     return ModelJudge(ChunkedProgress(local, chunk=4 * cfg.batch_size), label=cfg.model,
                       count_tokens=chat_token_counter(local.tokenizer),
                       max_prompt_tokens=cfg.max_prompt_tokens, max_new_tokens=cfg.max_new_tokens,
-                      settings={"backend": "local", "path": path, "decoding": "greedy"}, evidence=evidence)
+                      settings={"backend": "local", "path": path, "decoding": "greedy", "dtype": cfg.dtype},
+                      evidence=evidence)
 
 
 def plan_positions(records: Sequence[PairRecord], *, both_orders: bool,

@@ -134,9 +134,9 @@ class LocalScorer:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        dtype = torch.float32
-        if self.dtype == "bfloat16" or (self.dtype == "auto" and _native_bf16(self.device)):
-            dtype = torch.bfloat16
+        from ..models import torch_dtype
+
+        dtype = torch_dtype(self.dtype, self.device)
         self._tok = AutoTokenizer.from_pretrained(self.model_path)
         self._model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=dtype).to(self.device).eval()
 
@@ -258,17 +258,6 @@ class LocalScorer:
             out.append(_mean(picked[k:k + len(keep)]))
             k += len(keep)
         return out
-
-
-def _native_bf16(device: str) -> bool:
-    if device.startswith("cuda"):
-        return True
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 @dataclass
