@@ -80,18 +80,24 @@ def resolve_model(name_or_path: str, cache_dir: str | os.PathLike = DEFAULT_MODE
 
 
 ADAPTER_CONFIG = "adapter_config.json"
-#: Inside an adapter folder: its merge with the base model (made on first use).
-MERGED = "merged"
 
 
-def merged_adapter(adapter: str | os.PathLike, cache_dir: str | os.PathLike = DEFAULT_MODEL_CACHE) -> str:
-    """A full checkpoint of a LoRA adapter merged into its base model, in ``<adapter>/merged`` (made once;
-    the adapter's judge card goes with it). The base is the adapter's ``base_model_name_or_path``: a local
-    folder or the built-in ``smollm2-135m-instruct``, resolved like any model name."""
+def merged_adapter(adapter: str | os.PathLike, cache_dir: str | os.PathLike = DEFAULT_MODEL_CACHE,
+                   out: str | os.PathLike | None = None) -> str:
+    """A full checkpoint of a LoRA adapter merged into its base model (made once; the adapter's judge card
+    goes with it), in ``out`` or else under ``cache_dir`` keyed by the adapter's content (a shipped adapter
+    may sit in a read-only folder). The base is the adapter's ``base_model_name_or_path``: a local folder or
+    the built-in ``smollm2-135m-instruct``, resolved like any model name."""
+    import hashlib
     import json
 
     adapter = Path(adapter)
-    out = adapter / MERGED
+    if out is None:
+        digest = hashlib.sha256()
+        for f in sorted(adapter.glob("adapter_*")) + sorted(adapter.glob(JUDGE_CARD)):
+            digest.update(f.name.encode() + f.read_bytes())
+        out = Path(cache_dir) / "merged" / f"{adapter.name}-{digest.hexdigest()[:12]}"
+    out = Path(out)
     if (out / ".complete").is_file():
         return str(out)
     config = json.loads((adapter / ADAPTER_CONFIG).read_text(encoding="utf-8"))
@@ -108,6 +114,7 @@ def merged_adapter(adapter: str | os.PathLike, cache_dir: str | os.PathLike = DE
     model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
     tok_src = adapter if (adapter / "tokenizer_config.json").is_file() else Path(base)
     tmp = out.with_name(out.name + ".partial")
+    tmp.parent.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(tmp)
     AutoTokenizer.from_pretrained(str(tok_src)).save_pretrained(tmp)
     card = adapter / JUDGE_CARD

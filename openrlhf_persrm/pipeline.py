@@ -531,9 +531,9 @@ class Pipeline:
             if stage.name in ("sft", "grpo"):
                 self.write_cards(stage.name)
                 if stage.name == "sft" and self.lora:
-                    from .models import resolve_model
+                    from .models import merged_adapter
 
-                    resolve_model(str(self.work / "sft"))  # merges the adapter into sft/merged
+                    merged_adapter(self.work / "sft", out=self.trained("sft"))
             if stage.weights is not None:
                 self._check_weights(stage, manifest["stages"][stage.name], base)
             self._save_manifest(manifest)
@@ -609,7 +609,7 @@ class Pipeline:
         """The ``persrm eval`` command line of one of the recipe's judges."""
         spec = self.r.eval
         assert spec is not None
-        models = {"base": base, "sft": str(self.work / "sft"), "grpo": str(self.work / "grpo"),
+        models = {"base": base, "sft": self.trained("sft"), "grpo": self.trained("grpo"),
                   **{k: _absolute(v, self.base) if _local(v, self.base) else v for k, v in spec.models.items()}}
         argv = ["--pairs", str(self.data / "pairs.jsonl"), "--out", str(self.work / "eval" / judge),
                 "--seed", str(self.r.seed), "--label", {"base": f"untrained ({self.r.model})", "sft": "PersRM SFT",
