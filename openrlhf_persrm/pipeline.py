@@ -586,9 +586,9 @@ class Pipeline:
                 while chunk := os.read(fd, 65536):
                     text = chunk.decode("utf-8", errors="replace")
                     log.write(text)
-                    pieces = [p.strip() for p in text.replace("\r", "\n").split("\n") if p.strip()]
-                    if pieces:
-                        last["line"] = pieces[-1]
+                    line = progress_line(text)
+                    if line:
+                        last["line"] = line
                     if self.verbose:
                         print(text, end="", flush=True)
                 rc = proc.wait()
@@ -738,6 +738,22 @@ class Pipeline:
         tmp = self.manifest_path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(manifest, indent=2, default=str))
         os.replace(tmp, self.manifest_path)
+
+
+_NOISE = ("warning", "warn(", "deprecat", "import pynvml", "futurewarning", "userwarning", "notice", "ignoring ",
+          "setting accelerator", "loading weights", "writing model shards", "converting and de-quantizing",
+          "ld returned", "cannot find -l", "collect2", "traceback")
+
+
+def progress_line(text: str) -> str | None:
+    """The line of a stage's output worth showing as its progress: the last progress bar or step/metric line
+    (tqdm bars, OpenRLHF's per-step logs, judgments done), never another library's warning or notice; None
+    when the chunk has nothing of the kind."""
+    pieces = [p.strip() for p in text.replace("\r", "\n").split("\n") if p.strip()]
+    useful = [p for p in pieces if not any(n in p.lower() for n in _NOISE)]
+    bars = [p for p in useful if "%|" in p or "it/s" in p or "s/it" in p or "step" in p.lower()
+            or "reward" in p.lower() or "loss" in p.lower()]
+    return (bars or useful or [None])[-1]
 
 
 def _safetensors(folder: str) -> dict[str, str]:

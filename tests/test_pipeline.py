@@ -250,3 +250,14 @@ def test_dry_run_checks_a_local_base_model(tmp_path, monkeypatch):
     plan = {s["name"]: s for s in Pipeline(recipe).dry_run(out=io.StringIO())}
     argv = plan["sft"]["argv"]
     assert argv[argv.index("--model.model_name_or_path") + 1] == str(tmp_path / "models" / "base")
+
+
+def test_the_progress_line_shows_progress_not_other_libraries_warnings():
+    from openrlhf_persrm.pipeline import progress_line
+
+    warning = ("/x/torch/cuda/__init__.py:64: FutureWarning: The pynvml package is deprecated.\n"
+               "  import pynvml  # type: ignore[import]\n")
+    assert progress_line(warning) is None or "pynvml" not in progress_line(warning)
+    bar = "Train epoch:  10%|#  | 3/30 [00:30<04:30, loss=0.41]\r[transformers] Ignoring clean_up_tokenization"
+    assert progress_line(bar).startswith("Train epoch:  10%")
+    assert progress_line("judging (model): 40/96 [00:50<01:10]\n" + warning).startswith("judging (model)")
