@@ -314,7 +314,7 @@ class Pipeline:
         cache = ["--persrm.cache_dir", str(self.work / "cache")]
         synth = self._resolve(r.synth)
         stages = [Stage("synth", [py, "-m", "data_synth", "--output_dir", str(data), "--seed", str(r.seed),
-                                  "--progress", "false"] + _flags(synth),
+                                  "--progress", "true"] + _flags(synth),
                         [str(data / "manifest.json"), str(data / "pairs.jsonl")], {"synth": synth, "seed": r.seed},
                         launcher="synth", inputs={"synth.input": synth["input"]})]
         model = "@base"

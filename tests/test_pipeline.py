@@ -261,3 +261,31 @@ def test_the_progress_line_shows_progress_not_other_libraries_warnings():
     bar = "Train epoch:  10%|#  | 3/30 [00:30<04:30, loss=0.41]\r[transformers] Ignoring clean_up_tokenization"
     assert progress_line(bar).startswith("Train epoch:  10%")
     assert progress_line("judging (model): 40/96 [00:50<01:10]\n" + warning).startswith("judging (model)")
+
+
+def test_an_evidence_recipe_trains_cards_into_every_checkpoint_and_lora_feeds_the_merged_model(tmp_path):
+    synth = {"input": "demo", "teacher.backend": "offline", "evidence.scorer": "smollm2-135m-instruct",
+             "traces.style": "reader", "pairs.negative_types": "minor_replacement,cross_author"}
+    recipe = Recipe.load(_recipe(tmp_path, synth=synth, sft={"ds.lora.rank": 8}, grpo={},
+                                 eval={"judges": ["reader", "base", "sft", "likelihood@grpo"]}))
+    pipe = Pipeline(recipe)
+    assert pipe.lora and pipe.trained("sft").endswith("sft/merged")
+    grpo = next(s for s in pipe.plan() if s.name == "grpo")
+    assert grpo.argv[grpo.argv.index("--actor.model_name_or_path") + 1] == pipe.trained("sft")
+    base_argv = pipe.eval_argv("base", "/m/base")
+    assert base_argv[base_argv.index("--evidence") + 1] == "on" and "/m/base" in base_argv
+    assert pipe.eval_argv("sft", "/m/base")[pipe.eval_argv("sft", "/m/base").index("--model") + 1] == pipe.trained("sft")
+    own = pipe.eval_argv("likelihood@grpo", "/m/base")
+    assert own[own.index("--judge") + 1] == "likelihood" and own[own.index("--model") + 1] == str(pipe.work / "grpo")
+    assert pipe.eval_argv("reader", "/m/base")[-2:] == ["--scorer", "/m/base"]
+    # the card goes into the stage's model and every checkpoint it saved
+    for folder in (pipe.work / "sft", pipe.work / "sft_ckpt" / "global_step5_hf"):
+        folder.mkdir(parents=True)
+        (folder / "adapter_config.json").write_text("{}")
+    pipe.write_cards("sft")
+    from openrlhf_persrm.models import read_judge_card
+
+    for folder in (pipe.work / "sft", pipe.work / "sft_ckpt" / "global_step5_hf"):
+        assert read_judge_card(folder)["evidence"] == {"version": 1, "scorer": "smollm2-135m-instruct"}
+    plain = Pipeline(Recipe.load(_recipe(tmp_path, sft={})))
+    assert plain.card() is None and not plain.lora
