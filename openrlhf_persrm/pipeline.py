@@ -586,6 +586,7 @@ class Pipeline:
                 while chunk := os.read(fd, 65536):
                     text = chunk.decode("utf-8", errors="replace")
                     log.write(text)
+                    log.flush()  # the log on disk is current: a crash or a look at it mid-run sees the last lines
                     line = progress_line(text)
                     if line:
                         last["line"] = line
