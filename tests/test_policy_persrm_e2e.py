@@ -100,3 +100,45 @@ def test_policy_grpo_with_the_in_process_persrm_judge(tmp_path, tiny_model, tiny
     assert_rewards_are_the_judges_verdicts(steps, log)
     # judged in the rollout actors, through the entry file (which adds plugin_error), never raising
     assert all(logs["plugin_error"] == 0.0 for logs in steps.values()), steps
+
+
+def _last_lines(log: str, n: int = 4) -> str:
+    return "\n".join(log.strip().splitlines()[-n:])
+
+
+@pytest.mark.slow
+def test_a_judge_that_goes_down_ends_the_run_with_the_cause_in_its_last_lines(tmp_path, tiny_model):
+    import threading
+
+    from _fault_judge import FaultJudge
+
+    with FaultJudge("ok") as judge:
+        def down_after_the_probe() -> None:  # up at start-up, then every request fails (HTTP 500)
+            while judge.stats["answered"] < 1:
+                time.sleep(0.05)
+            judge.fault = "500"
+
+        threading.Thread(target=down_after_the_probe, daemon=True).start()
+        config = {"endpoint": judge.url, "served_model": "persrm", "backend_config": {"retries": 0},
+                  "stop_window": 4, "stop_after_steps": 1}  # the stop rule trips on the first 4 samples
+        rc, log = run_cpu_launcher(_policy_cmd(tmp_path, tiny_model, config), tmp_path, timeout=300)
+    assert judge.stats["answered"] == 1 and judge.stats["/v1/chat/completions"] > 1, judge.stats
+    assert rc == 1, log[-6000:]
+    last = _last_lines(log)
+    assert ("error: train_ppo_ray stopped: no reward for a sample: JudgeUnavailable: the judge failed 100% of the "
+            "samples in 1 windows of 4") in last, log[-6000:]
+    assert "server_error" in last, last
+    assert parse_step_logs(log) == {}  # no step trained on made-up rewards
+
+
+@pytest.mark.slow
+def test_a_judge_that_is_down_at_start_up_ends_the_run_with_the_cause_in_its_last_lines(tmp_path, tiny_model):
+    from _fault_judge import FaultJudge
+
+    with FaultJudge("500") as judge:
+        config = {"endpoint": judge.url, "served_model": "persrm", "backend_config": {"retries": 0}}
+        rc, log = run_cpu_launcher(_policy_cmd(tmp_path, tiny_model, config), tmp_path, timeout=300)
+    assert rc == 1, log[-6000:]
+    last = _last_lines(log)
+    assert ("error: train_ppo_ray stopped: JudgeUnavailable: persrm: the judge (openai) failed its start-up probe "
+            "(server_error)") in last, log[-6000:]
