@@ -75,7 +75,7 @@ def test_policy_grpo_against_a_served_persrm_judge(tmp_path, tiny_model, tiny_ju
     try:
         _wait_healthy(f"http://127.0.0.1:{port}/health", server, serve_log)
         cmd = _policy_cmd(tmp_path, tiny_model, {"serve_url": f"http://127.0.0.1:{port}"})
-        rc, log = run_cpu_launcher(cmd, tmp_path, timeout=300)
+        rc, log = run_cpu_launcher(cmd, tmp_path)
         assert rc == 0, log[-6000:]
         assert "reward plugin persrm is served at http://127.0.0.1" in log
         # the judge's own logs, computed in the server, reach OpenRLHF's per-step metrics
@@ -93,7 +93,7 @@ def test_policy_grpo_against_a_served_persrm_judge(tmp_path, tiny_model, tiny_ju
 @pytest.mark.slow
 def test_policy_grpo_with_the_in_process_persrm_judge(tmp_path, tiny_model, tiny_judge):
     cmd = _policy_cmd(tmp_path, tiny_model, {"model": tiny_judge, **JUDGE})
-    rc, log = run_cpu_launcher(cmd, tmp_path, timeout=300)
+    rc, log = run_cpu_launcher(cmd, tmp_path)
     assert rc == 0, log[-6000:]
     assert "reward plugin persrm is served" not in log
     steps = parse_step_logs(log)
@@ -121,7 +121,7 @@ def test_a_judge_that_goes_down_ends_the_run_with_the_cause_in_its_last_lines(tm
         threading.Thread(target=down_after_the_probe, daemon=True).start()
         config = {"endpoint": judge.url, "served_model": "persrm", "backend_config": {"retries": 0},
                   "stop_window": 4, "stop_after_steps": 1}  # the stop rule trips on the first 4 samples
-        rc, log = run_cpu_launcher(_policy_cmd(tmp_path, tiny_model, config), tmp_path, timeout=300)
+        rc, log = run_cpu_launcher(_policy_cmd(tmp_path, tiny_model, config), tmp_path)
     assert judge.stats["answered"] == 1 and judge.stats["/v1/chat/completions"] > 1, judge.stats
     assert rc == 1, log[-6000:]
     last = _last_lines(log)
@@ -137,7 +137,7 @@ def test_a_judge_that_is_down_at_start_up_ends_the_run_with_the_cause_in_its_las
 
     with FaultJudge("500") as judge:
         config = {"endpoint": judge.url, "served_model": "persrm", "backend_config": {"retries": 0}}
-        rc, log = run_cpu_launcher(_policy_cmd(tmp_path, tiny_model, config), tmp_path, timeout=300)
+        rc, log = run_cpu_launcher(_policy_cmd(tmp_path, tiny_model, config), tmp_path)
     assert rc == 1, log[-6000:]
     last = _last_lines(log)
     assert ("error: train_ppo_ray stopped: JudgeUnavailable: persrm: the judge (openai) failed its start-up probe "
