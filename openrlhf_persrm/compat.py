@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import ast
 import contextlib
+import contextvars
 import logging
 import os
 import re
@@ -163,6 +164,163 @@ def parse_step_logs(text: str) -> dict[int, dict[str, float]]:
         except (ValueError, SyntaxError):
             continue
     return out
+
+
+# --------------------------------------------------------------------------- rewards that cannot be computed
+#
+# OpenRLHF 0.11.2 facts (pinned in tests/test_compat.py):
+# * ``utils/agent.py: SingleTurnAgentExecutor.execute`` (in each rollout actor) gets a sample's reward from
+#   ``_fetch_rewards_via_func`` (the ``--reward.remote_url`` .py file) or ``_fetch_rewards_via_http`` (5 tries,
+#   then RuntimeError) inside ``try/except Exception``, which logs the error at INFO and leaves the reward None;
+#   the step then fails in ``trainer/ppo_utils/experience_maker.py`` with "reward_model_group is required when
+#   rewards are not precomputed": the cause (a judge declared down, a 503 from ``persrm serve``) is lost.
+# * ``_fetch_rewards_via_http`` posts through ``aiohttp.ClientSession(timeout=...)`` looked up on the module's
+#   ``aiohttp`` name, in tasks it creates (they inherit the caller's context variables), and keeps no body of an
+#   HTTP error (``raise_for_status``).
+
+#: Ray ``worker_process_setup_hook`` of ``train_ppo_ray`` outside CPU mode (CPU mode's hook calls it too).
+REWARD_FAILURES_HOOK = "openrlhf_persrm.compat.surface_reward_failures"
+
+
+class RewardUnavailable(RuntimeError):
+    """A sample's reward could not be computed, so OpenRLHF cannot train on the step; names the cause."""
+
+
+_REWARD_ERRORS: contextvars.ContextVar = contextvars.ContextVar("persrm_reward_errors", default=None)
+_HTTP_ANSWERS: contextvars.ContextVar = contextvars.ContextVar("persrm_http_answers", default=None)
+
+
+def surface_reward_failures() -> None:
+    """In a rollout actor: a reward OpenRLHF cannot get raises :class:`RewardUnavailable` with the cause (the
+    reward function's exception, or the reward server's last error answer) instead of leaving the reward
+    None, which ends the run later with an unrelated message. Idempotent; the Ray worker setup hook of
+    ``train_ppo_ray`` (both modes) calls it. Samples whose reward arrives are untouched."""
+    install_flash_attn_stub()
+    from openrlhf.utils import agent
+
+    cls = agent.SingleTurnAgentExecutor
+    if getattr(cls, "_persrm_surfaced", False):
+        return
+    execute, via_func, via_http = cls.execute, cls._fetch_rewards_via_func, cls._fetch_rewards_via_http
+
+    def note(cause: str) -> None:
+        errors = _REWARD_ERRORS.get()
+        if errors is not None:
+            errors.append(cause)
+
+    async def fetch_via_func(self, *args, **kwargs):
+        try:
+            return await via_func(self, *args, **kwargs)
+        except Exception as exc:
+            note(f"{type(exc).__name__}: {exc}")
+            raise
+
+    async def fetch_via_http(self, *args, **kwargs):
+        answers: list[str] = []
+        token = _HTTP_ANSWERS.set(answers)
+        try:
+            return await via_http(self, *args, **kwargs)
+        except Exception as exc:
+            note(f"{exc} The reward server's last answer: {answers[-1]}" if answers else str(exc))
+            raise
+        finally:
+            _HTTP_ANSWERS.reset(token)
+
+    async def surfacing_execute(self, *args, **kwargs):
+        errors: list[str] = []
+        token = _REWARD_ERRORS.set(errors)
+        try:
+            out = await execute(self, *args, **kwargs)
+        finally:
+            _REWARD_ERRORS.reset(token)
+        if errors and out.get("reward") is None:
+            raise RewardUnavailable(f"no reward for a sample: {errors[-1]}")
+        return out
+
+    cls.execute, cls._fetch_rewards_via_func, cls._fetch_rewards_via_http = (surfacing_execute, fetch_via_func,
+                                                                               fetch_via_http)
+    agent.aiohttp = _aiohttp_keeping_error_answers(agent.aiohttp)
+    cls._persrm_surfaced = True
+
+
+def _aiohttp_keeping_error_answers(aiohttp: Any) -> types.ModuleType:
+    """``aiohttp`` as OpenRLHF's reward client sees it: its sessions keep the start of every error answer
+    (the status and body, e.g. ``persrm serve``'s 503 "the judge is down: ...") for :func:`surface_reward_failures`."""
+    view = types.ModuleType(aiohttp.__name__)
+    view.__dict__.update(vars(aiohttp))
+
+    async def keep_error_answer(session, context, params) -> None:
+        answers = _HTTP_ANSWERS.get()
+        if answers is not None and params.response.status >= 400:
+            body = await params.response.read()
+            answers.append(f"HTTP {params.response.status}: {body[:2000].decode('utf-8', 'replace')}")
+
+    def client_session(*args, **kwargs):
+        trace = aiohttp.TraceConfig()
+        trace.on_request_end.append(keep_error_answer)
+        kwargs["trace_configs"] = [*(kwargs.get("trace_configs") or []), trace]
+        return aiohttp.ClientSession(*args, **kwargs)
+
+    view.ClientSession = client_session
+    return view
+
+
+_ENGINE_WAIT_PATCHED = False
+
+
+def stop_when_a_rollout_engine_cannot_start() -> None:
+    """Driver side, before :func:`run_launcher`: the launcher's wait for the policy to start waits for the
+    rollout engines too, so an engine that fails to start (e.g. the reward's start-up probe finds the judge
+    down: the entry file raises in ``RolloutRayActor.__init__``) ends the run at once with that error.
+    Without it the policy waits for the dead engine to join its weight-sync group until that group's
+    store times out (300 s) and the run ends on a timeout, the cause far up the log. Idempotent.
+
+    OpenRLHF 0.11.2 facts (pinned in tests/test_compat.py): ``train_ppo_ray.train`` calls
+    ``RayActorGroup.async_init_model_from_pretrained(strategy, pretrain, max_steps, vllm_engines)`` for the
+    policy and ``ray.get``s the refs it returns (values unused); ``RolloutRayActor`` has the method
+    ``get_num_unfinished_requests``, which answers once the engine has started.
+    """
+    global _ENGINE_WAIT_PATCHED
+    if _ENGINE_WAIT_PATCHED:
+        return
+    install_flash_attn_stub()
+    ensure_vllm_importable()
+    from openrlhf.trainer.ray import launcher
+
+    original = launcher.RayActorGroup.async_init_model_from_pretrained
+
+    def init_and_wait_for_engines(self, *args, **kwargs):
+        refs = original(self, *args, **kwargs)
+        engines = kwargs.get("vllm_engines", args[3] if len(args) > 3 else None)
+        # ray.get of the whole list raises as soon as one engine's start has failed
+        return refs + [engine.get_num_unfinished_requests.remote() for engine in engines or ()]
+
+    launcher.RayActorGroup.async_init_model_from_pretrained = init_and_wait_for_engines
+    _ENGINE_WAIT_PATCHED = True
+
+
+def reward_failure(exc: BaseException) -> str | None:
+    """The cause, when ``exc`` ends a run because a reward or its judge could not serve
+    (:class:`RewardUnavailable`, :class:`~openrlhf_persrm.judges.faults.JudgeUnavailable`), however Ray and
+    OpenRLHF wrapped it (task and actor errors, chained exceptions, or only their text)."""
+    from .judges.faults import JudgeUnavailable
+
+    ours = (RewardUnavailable, JudgeUnavailable)
+    seen: set[int] = set()
+    todo: list[Any] = [exc]
+    while todo:
+        err = todo.pop()
+        if not isinstance(err, BaseException) or id(err) in seen:
+            continue
+        seen.add(id(err))
+        inner = [getattr(err, "cause", None), err.__cause__, err.__context__]
+        if isinstance(err, ours) and not any(isinstance(e, ours) for e in inner):
+            message = str(err.args[0]) if err.args else str(err)
+            return message if isinstance(err, RewardUnavailable) else f"JudgeUnavailable: {message}"
+        todo += inner
+    # an actor that failed to start keeps only the text of its error
+    found = re.findall(r"(?:RewardUnavailable: |(JudgeUnavailable: ))(.+)", str(exc))
+    return "".join(found[-1]).strip() if found else None
 
 
 # --------------------------------------------------------------------------- CPU

@@ -43,7 +43,7 @@ def overlap_score(text: str, exemplars: Sequence[str]) -> int:
 class StubJudge:
     name: ClassVar[str] = "stub"
 
-    rule: str = "marker"            # "marker" or "overlap"
+    rule: str = "marker"            # "marker", "overlap" or "longer" (the longer candidate 7, the other 4; tie 5)
     echo: bool = False              # quote the whole prompt inside <think>
     bias_a: int = 0                 # added to A's score (position bias)
     vote_noise: bool = False        # sampled requests shift the sample scores by seed % 3 - 1
@@ -80,7 +80,10 @@ class StubJudge:
             return JudgeError("stub: injected failure")
         if self.garble_greedy and req.temperature == 0:
             return "I think A is better."
-        sa, sb = self._score(a, found["exemplar"]), self._score(b, found["exemplar"])
+        if self.rule == "longer":
+            sa, sb = (7, 4) if len(a) > len(b) else (4, 7) if len(b) > len(a) else (5, 5)
+        else:
+            sa, sb = self._score(a, found["exemplar"]), self._score(b, found["exemplar"])
         if self.vote_noise and req.temperature > 0 and req.seed is not None:
             # sampled votes disagree: the candidate that is not the reference (marked REF) moves by -1, 0, +1
             shift = req.seed % 3 - 1

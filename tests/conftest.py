@@ -121,10 +121,132 @@ def tiny_grpo_cmd(tmp_path: Path, model: str, prompts: Path, *flags: str) -> lis
             "--ckpt.output_dir", str(tmp_path / "ckpt"), "--persrm.cache_dir", str(tmp_path / "cache"), *flags]
 
 
-def run_cpu_launcher(cmd: list[str], cwd: Path, **env: str):
-    """Run a wrapper command to completion; returns ``(returncode, stdout + stderr)``."""
+#: Seconds one launcher run may take before its test fails (a warm run of the tiny GRPO command takes
+#: about 40 s on one core; the first run of a session also JIT-builds DeepSpeed's CPU ops, 2-3 min).
+LAUNCHER_TIMEOUT_S = 480.0
+
+_SPAWNED: list = []  # children started by spawn() in the running test; their trees are killed at teardown
+
+
+def spawn(cmd: list[str], cwd: Path, log: Path, **env: str):
+    """Start ``cmd`` in its own session (so its whole tree, Ray included, can be killed by process
+    group), its stdout and stderr going to ``log``: a file, never a pipe nobody reads (a full pipe
+    blocks the child's next write, and a server blocked in a log write answers nobody)."""
     import subprocess
 
     full_env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(REPO / ".cache" / "torch_extensions"), **env)
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=cwd, env=full_env)
-    return proc.returncode, proc.stdout + proc.stderr
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=cwd,
+                                env=full_env, start_new_session=True)
+    _SPAWNED.append(proc)
+    return proc
+
+
+def log_tail(log: Path, lines: int = 60) -> str:
+    try:
+        text = log.read_text(encoding="utf-8", errors="replace")
+    except OSError as exc:
+        return f"(no log: {exc})"
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def process_tree(proc) -> list:
+    """The live processes of ``proc``'s session (``spawn`` makes it a session leader; its descendants,
+    Ray's included, stay in that session even when they change process group)."""
+    import psutil
+
+    found = []
+    for p in psutil.process_iter():
+        try:
+            if os.getsid(p.pid) == proc.pid and (p.pid != proc.pid or proc.returncode is None):
+                found.append(p)
+        except (psutil.Error, OSError):
+            pass
+    return found
+
+
+def kill_tree(proc) -> None:
+    """SIGKILL every process of ``proc``'s session, by PID and process group; reaps ``proc``."""
+    import signal
+
+    import psutil
+
+    if proc.poll() is None:  # the leader is not reaped, so its group id cannot have been reused
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except OSError:
+            pass
+    for _ in range(3):  # a Ray process may start another while we kill: look again
+        tree = process_tree(proc)
+        if not tree:
+            break
+        for p in tree:
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
+        psutil.wait_procs(tree, timeout=10)
+    try:
+        proc.wait(10)
+    except Exception:  # noqa: BLE001 -- unkillable (D state): nothing more to do from here
+        pass
+
+
+def python_stacks(proc, limit: int = 12) -> str:
+    """Every thread's Python stack in ``proc``'s tree (``py-spy dump``), to show where a hung run waits."""
+    import shutil
+    import subprocess
+
+    spy = shutil.which("py-spy") or shutil.which("py-spy", path=str(Path(sys.executable).parent))
+    if spy is None:
+        return "(no stacks: install py-spy to get them)"
+    out = []
+    for p in process_tree(proc)[:limit]:
+        try:
+            if "python" not in p.name() and not p.name().startswith("ray::"):
+                continue
+            dump = subprocess.run([spy, "dump", "--pid", str(p.pid)], capture_output=True, text=True, timeout=20)
+            out.append(f"--- pid {p.pid} {' '.join(p.cmdline()[:4])[:160]}\n{dump.stdout[-4000:]}{dump.stderr[-500:]}")
+        except Exception as exc:  # noqa: BLE001 -- best effort, the failure message matters more
+            out.append(f"--- pid {p.pid}: no stack ({type(exc).__name__}: {exc})")
+    return "\n".join(out)
+
+
+def stale_build_locks() -> list[Path]:
+    """Lock files of DeepSpeed JIT builds: one left by a killed build makes every later build wait forever."""
+    return sorted((REPO / ".cache" / "torch_extensions").rglob("lock"))
+
+
+def wait_or_fail(proc, log: Path, timeout: float, what: str) -> int:
+    """``proc``'s exit status; past ``timeout`` the test fails with the log's last lines and the tree's
+    Python stacks, and the whole tree is killed (a hang is a failure with a message, never a stuck run)."""
+    import subprocess
+
+    try:
+        return proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        stacks = python_stacks(proc)
+        kill_tree(proc)
+        locks = stale_build_locks()
+        for lock in locks:  # left by the build just killed: the next run would wait on it forever
+            lock.unlink(missing_ok=True)
+        pytest.fail(f"{what} did not finish within {timeout:.0f} s; killed its process tree.\n"
+                    f"Build locks removed: {[str(p) for p in locks] or 'none'}\n"
+                    f"--- last lines of {log}:\n{log_tail(log)}\n--- Python stacks:\n{stacks}", pytrace=False)
+
+
+def run_cpu_launcher(cmd: list[str], cwd: Path, *, timeout: float = LAUNCHER_TIMEOUT_S, **env: str):
+    """Run a wrapper command to completion; returns ``(returncode, stdout + stderr)``. Past ``timeout``
+    the test fails with the run's last log lines (see :func:`wait_or_fail`)."""
+    log = Path(cwd) / f"launcher-{len(_SPAWNED)}.log"
+    proc = spawn(cmd, Path(cwd), log, **env)
+    rc = wait_or_fail(proc, log, timeout, " ".join(Path(c).name for c in cmd[:3]))
+    return rc, log.read_text(encoding="utf-8", errors="replace")
+
+
+@pytest.fixture(autouse=True)
+def _no_orphans():
+    """Whatever a test spawned is gone when it ends, passed or failed (Ray's processes included)."""
+    yield
+    while _SPAWNED:
+        kill_tree(_SPAWNED.pop())

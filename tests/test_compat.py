@@ -209,3 +209,154 @@ def test_cpu_float32_patch_makes_openrlhf_load_and_train_in_float32():
         "print('ok')\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
+
+
+# --------------------------------------------------------------------------- rewards that cannot be computed
+
+def test_openrlhf_facts_behind_surfacing_reward_failures():
+    compat.install_flash_attn_stub()
+    compat.ensure_vllm_importable()
+    from openrlhf.trainer.ppo_utils import experience_maker
+    from openrlhf.utils import agent
+
+    cls = agent.SingleTurnAgentExecutor  # OpenRLHF's own methods: the tests that patch them restore them
+    execute = inspect.getsource(cls.execute)
+    assert "except Exception as e:" in execute and "Failed to fetch reward from remote RM" in execute
+    assert "self._fetch_rewards_via_func(" in execute and "self._fetch_rewards_via_http(" in execute
+    http = inspect.getsource(cls._fetch_rewards_via_http)
+    assert "aiohttp.ClientSession(timeout=timeout)" in http and "asyncio.create_task(" in http
+    assert "raise_for_status()" in http
+    assert "reward_model_group is required" in inspect.getsource(experience_maker)
+
+
+@pytest.fixture
+def surfaced(monkeypatch):
+    """surface_reward_failures() applied for one test, OpenRLHF's own methods restored after it."""
+    compat.install_flash_attn_stub()
+    from openrlhf.utils import agent
+
+    cls = agent.SingleTurnAgentExecutor
+    for name in ("execute", "_fetch_rewards_via_func", "_fetch_rewards_via_http"):
+        monkeypatch.setattr(cls, name, getattr(cls, name))
+    monkeypatch.setattr(agent, "aiohttp", agent.aiohttp)
+    monkeypatch.setattr(cls, "_persrm_surfaced", False, raising=False)
+    compat.surface_reward_failures()
+    return cls
+
+
+class _Engine:
+    """A rollout engine that answers every prompt with two tokens."""
+
+    async def generate(self, prompt_token_ids, params, multi_modal_data=None):
+        from openrlhf_persrm.cpu.vllm_types import CompletionOutput, RequestOutput
+
+        return RequestOutput("r", None, list(prompt_token_ids), None,
+                             [CompletionOutput(0, "", [5, 6], None, None, "stop")], True)
+
+
+def _execute(executor_cls, remote, tiny_model):
+    import asyncio
+
+    from transformers import AutoTokenizer
+
+    from openrlhf_persrm.cpu.vllm_types import SamplingParams
+
+    executor = executor_cls(remote)
+    return asyncio.run(executor.execute("Say hi.", "label", SamplingParams(max_tokens=4), 64,
+                                        AutoTokenizer.from_pretrained(tiny_model), _Engine()))
+
+
+def _reward_file(tmp_path, body: str) -> str:
+    path = tmp_path / "reward.py"
+    path.write_text("from openrlhf_persrm.judges.faults import JudgeUnavailable\n\n"
+                    f"def reward_func(queries, prompts, labels):\n    {body}\n")
+    return str(path)
+
+
+def test_a_reward_function_that_raises_ends_the_step_with_its_cause(tmp_path, tiny_model, surfaced):
+    down = _reward_file(tmp_path, "raise JudgeUnavailable('the judge failed 100% of the samples')")
+    with pytest.raises(compat.RewardUnavailable, match="JudgeUnavailable: the judge failed 100% of the samples"):
+        _execute(surfaced, down, tiny_model)
+    fine = _reward_file(tmp_path, "return {'rewards': [0.5], 'scores': [0.75], 'extra_logs': {}}")
+    assert _execute(surfaced, fine, tiny_model)["reward"] == [0.5]  # a reward that arrives is untouched
+
+
+def test_without_the_patch_openrlhf_drops_the_cause(tmp_path, tiny_model, monkeypatch):
+    compat.install_flash_attn_stub()
+    from openrlhf.utils import agent
+
+    down = _reward_file(tmp_path, "raise JudgeUnavailable('gone')")
+    assert _execute(agent.SingleTurnAgentExecutor, down, tiny_model)["reward"] is None
+
+
+def test_a_reward_server_error_answer_is_the_cause(tiny_model, surfaced, monkeypatch):
+    import asyncio
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Down(BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            body = json.dumps({"detail": "the judge is down: it failed 100% of the samples"}).encode()
+            self.send_response(503)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    real_sleep = asyncio.sleep
+    monkeypatch.setattr(asyncio, "sleep", lambda s, *a, **k: real_sleep(0))  # OpenRLHF waits 1 s between tries
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Down)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/get_reward"
+        with pytest.raises(compat.RewardUnavailable,
+                           match=r"5 times.*last answer: HTTP 503: .*the judge is down: it failed 100%"):
+            _execute(surfaced, url, tiny_model)
+    finally:
+        server.shutdown()
+
+
+def test_reward_failure_finds_the_cause_however_it_is_wrapped():
+    from ray.exceptions import RayTaskError
+
+    from openrlhf_persrm.judges.faults import JudgeUnavailable
+
+    cause = compat.RewardUnavailable("no reward for a sample: the judge is down")
+    inner = RayTaskError("generate_responses", "Traceback ...", cause).as_instanceof_cause()
+    outer = RayTaskError("fit", "Traceback ...", inner).as_instanceof_cause()
+    assert compat.reward_failure(outer) == "no reward for a sample: the judge is down"
+    try:
+        try:
+            raise JudgeUnavailable("probe failed (unreachable)")
+        except JudgeUnavailable as exc:
+            raise RuntimeError("actor died") from exc
+    except RuntimeError as chained:
+        assert compat.reward_failure(chained) == "JudgeUnavailable: probe failed (unreachable)"
+    text_only = RuntimeError("The actor died.\n  ...\nopenrlhf_persrm.judges.faults.JudgeUnavailable: persrm: the "
+                             "judge failed its start-up probe (server_error)\n")
+    assert compat.reward_failure(text_only) == "JudgeUnavailable: persrm: the judge failed its start-up probe (server_error)"
+    assert compat.reward_failure(ValueError("reward_model_group is required")) is None
+
+
+def test_openrlhf_facts_behind_stopping_when_a_rollout_engine_cannot_start():
+    compat.install_flash_attn_stub()
+    compat.ensure_vllm_importable()
+    import openrlhf.cli.train_ppo_ray as upstream
+    from openrlhf.trainer.ray.launcher import RayActorGroup
+    from openrlhf.trainer.ray.ppo_actor import PolicyModelActor
+    from openrlhf.trainer.ray.vllm_engine import RolloutRayActor
+
+    train = inspect.getsource(upstream.train)
+    call = "actor_model.async_init_model_from_pretrained(strategy, args.actor.model_name_or_path, max_steps, vllm_engines)"
+    assert call in " ".join(train.split()).replace("( ", "(").replace(" )", ")")
+    assert "    ray.get(refs)\n" in train  # the refs' values are not used
+    init = PolicyModelActor.__ray_actor_class__.init_model_from_pretrained
+    assert _params(init)[:5] == ["self", "strategy", "pretrain", "max_steps", "vllm_engines"]
+    assert "return [actor.init_model_from_pretrained.remote(" in inspect.getsource(
+        RayActorGroup.async_init_model_from_pretrained)
+    assert callable(RolloutRayActor.__ray_actor_class__.get_num_unfinished_requests)

@@ -3,12 +3,11 @@ with the persrm_rule reward and persrm_rl rows, rollouts in the CPU vLLM stand-i
 
 import json
 import signal
-import subprocess
 import time
 
 import psutil
 import pytest
-from conftest import make_pair, run_cpu_launcher, tiny_grpo_cmd, write_rows
+from conftest import log_tail, make_pair, run_cpu_launcher, spawn, tiny_grpo_cmd, wait_or_fail, write_rows
 
 from openrlhf_persrm.compat import parse_step_logs
 
@@ -58,17 +57,14 @@ def test_grpo_two_steps_on_cpu(tmp_path, tiny_judge):
     assert _ray_processes("persrm-ray-") == []
 
 
-def _wait_for(proc, marker, timeout):
-    """Read the child's output until ``marker`` appears; returns what was read."""
-    seen, deadline = "", time.time() + timeout
-    while time.time() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        seen += line
-        if marker in line:
-            return seen
-    return seen
+def _wait_for(log, proc, marker, timeout):
+    """Wait until ``marker`` is in the child's log; fails the test with the log's last lines past ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        if marker in log.read_text(errors="replace"):
+            return
+        time.sleep(0.5)
+    pytest.fail(f"{marker!r} not logged within {timeout} s (child status {proc.poll()}):\n{log_tail(log)}")
 
 
 @pytest.mark.slow
@@ -78,22 +74,17 @@ def test_processes_are_gone_after_an_error_and_after_ctrl_c(tmp_path, tiny_model
     base = tiny_grpo_cmd(tmp_path, tiny_model, pairs, "--reward_plugin", "persrm_rule",
                          "--rollout.n_samples_per_prompt", "2", "--train.batch_size", "4", "--train.micro_batch_size",
                          "2", "--rollout.micro_batch_size", "2", "--rollout.max_new_tokens", "8")
-    proc = subprocess.run(base, capture_output=True, text=True, timeout=600, cwd=tmp_path)
-    assert proc.returncode != 0
+    rc, _ = run_cpu_launcher(base, tmp_path)
+    assert rc != 0
     assert _ray_processes("persrm-ray-") == []
 
     # Ctrl-C while OpenRLHF is running: the wrapper shuts Ray down and exits 130.
-    child = subprocess.Popen(base, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
-    try:
-        seen = _wait_for(child, "CPU mode: local Ray", timeout=300)
-        assert "CPU mode: local Ray" in seen, seen[-3000:]
-        time.sleep(8)  # let Ray start its workers
-        child.send_signal(signal.SIGINT)
-        child.communicate(timeout=300)
-    finally:
-        if child.poll() is None:
-            child.kill()
-    assert child.returncode in (1, 130)
+    log = tmp_path / "interrupted.log"
+    child = spawn(base, tmp_path, log)
+    _wait_for(log, child, "CPU mode: local Ray", timeout=120)
+    time.sleep(8)  # let Ray start its workers
+    child.send_signal(signal.SIGINT)
+    assert wait_or_fail(child, log, 120, "train_ppo_ray after Ctrl-C") in (1, 130)
     assert _ray_processes("persrm-ray-") == []
 
 

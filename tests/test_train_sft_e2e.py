@@ -1,13 +1,10 @@
 """Stage 1 end to end: the wrapper runs OpenRLHF's own train_sft on CPU with persrm_sft rows."""
 
 import json
-import os
-import subprocess
 import sys
 
 import pytest
-
-from conftest import REPO
+from conftest import run_cpu_launcher
 
 
 def _sft_loss(model_path: str, rows: list[dict]) -> float:
@@ -42,10 +39,8 @@ def test_train_sft_on_cpu_with_dataset_plugin(tmp_path, tiny_model, sft_file):
            "--train.micro_batch_size", "2", "--train.batch_size", "4", "--train.max_epochs", "1",
            "--data.max_len", "2048", "--adam.lr", "3e-3", "--lr_warmup_ratio", "0",
            "--logger.logging_steps", "1", "--persrm.cache_dir", str(cache)]
-    env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(REPO / ".cache" / "torch_extensions"))
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=tmp_path, env=env)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    log = proc.stdout + proc.stderr
+    rc, log = run_cpu_launcher(cmd, tmp_path)
+    assert rc == 0, log[-8000:]
     # 16 rows / batch 4 = 4 optimiser steps (>= 3)
     assert "Train step of epoch 0: 100%" in log and "| 8/8 " in log
     assert "running openrlhf.cli.train_sft" in log and "--ds.attn_implementation sdpa" in log

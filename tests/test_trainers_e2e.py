@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import make_pair, run_cpu_launcher, tiny_grpo_cmd, write_rows
+from conftest import HERE, make_pair, run_cpu_launcher, tiny_grpo_cmd, write_rows
 
 from openrlhf_persrm.compat import parse_step_logs
 
@@ -49,16 +49,18 @@ def test_stage2_with_order_consistency_eval_and_a_third_party_plugin(tmp_path, t
 
 
 @pytest.mark.slow
-def test_policy_grpo_with_group_rewards_from_a_stub_judge(tmp_path, tiny_model):
+def test_policy_grpo_with_group_rewards_from_a_judge_that_prefers_the_longer_sample(tmp_path, tiny_model):
     pairs = write_rows(tmp_path / "pairs.jsonl",
                        [make_pair(i, prompt=f"Morning {i}: Elinor walked out early.") for i in range(4)])
-    # The stub scores a candidate by its SCORE=n marker; a random policy writes none, so every judgment is a
-    # tie: the group rewards are all 0 and the always-on step health check must say so.
-    config = {"backend": f"{Path(__file__).with_name('_judge_stubs.py')}:StubJudge", "strategy": "all_pairs",
-              "parse_retries": 0}
+    # The stub judge prefers the longer candidate (7 to 4; a tie 5 to 5): with all_pairs and both orders the
+    # longest sample of a group wins every comparison, the shortest loses every one.
+    recorder = f"{HERE / '_reward_recorder.py'}:RewardRecorder"
+    config = {"persrm_group": {"backend": f"{HERE / '_judge_stubs.py'}:StubJudge",
+                               "backend_config": {"rule": "longer"}, "strategy": "all_pairs", "parse_retries": 0},
+              recorder: {"path": str(tmp_path / "rewards.jsonl")}}
     cmd = tiny_grpo_cmd(tmp_path, tiny_model, pairs, "--dataset_plugin", "persrm_policy",
-                        "--trainer_plugin", "persrm_group", "--trainer_plugin_config", json.dumps(config),
-                        "--data.max_len", "1024")
+                        "--trainer_plugin", f"persrm_group,{recorder}", "--trainer_plugin_config", json.dumps(config),
+                        "--data.max_len", "1024", "--rollout.temperature", "1.0")
     rc, log = run_cpu_launcher(cmd, tmp_path)
     assert rc == 0, log[-6000:]
     assert "persrm_group sets the rewards" in log
@@ -67,8 +69,27 @@ def test_policy_grpo_with_group_rewards_from_a_stub_judge(tmp_path, tiny_model):
     for logs in steps.values():
         assert logs["group_judgments"] == 2 * 2 * 6  # 2 prompts x all 6 pairs of 4 samples x both orders
         assert logs["group_judge_failed"] == 0.0
-        assert logs["reward"] == 0.0
-    assert re.search(r"step 1: every prompt group got identical rewards: .* advantages are all zero", log), log[-3000:]
+        assert logs["reward"] == pytest.approx(0.0, abs=1e-6)  # all_pairs margins cancel within each group
+    rows = [json.loads(line) for line in (tmp_path / "rewards.jsonl").read_text().splitlines()]
+    groups: dict = {}
+    for row in rows:
+        groups.setdefault((row["step"], row["group"]), []).append(row)
+    assert len(groups) == 4 and all(len(g) == 4 for g in groups.values()), groups
+    exact = 0
+    for group in groups.values():
+        rewards = [r["reward"] for r in group]
+        assert min(rewards) < 0 < max(rewards), group  # the judge's verdicts differ: some win, some lose
+        if any("<" in r["response"] for r in group):
+            continue  # tags and markers are neutralised before judging, which changes the lengths it compares
+        # without them the judge compares the responses stripped of trailing whitespace: each comparison is a
+        # margin of 3/9 in both orders, so a sample's reward is (members it is longer than - those longer) / 9
+        seen = [len(r["response"].rstrip()) for r in group]
+        for r, n in zip(group, seen):
+            assert r["reward"] == pytest.approx((sum(n > m for m in seen) - sum(n < m for m in seen)) / 9), group
+        exact += 1
+    assert exact >= 1, groups
+    # OpenRLHF's own view of the same rewards: they spread, so the step health check stays quiet
+    assert "every prompt group got identical rewards" not in log
 
 
 @pytest.mark.slow

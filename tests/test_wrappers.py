@@ -263,3 +263,39 @@ def test_readme_documents_the_cpu_judge_the_plugins_and_the_layout():
             assert f"`{name}`" in layout, name
     recipes = (root / "recipes" / "README.md").read_text(encoding="utf-8")
     assert "the directory you run" in recipes and "--dry_run" in recipes
+
+
+def test_a_run_that_a_reward_stopped_ends_with_the_cause_last(capsys):
+    from openrlhf_persrm.cli._wrapper import wrapper_main
+    from openrlhf_persrm.compat import RewardUnavailable
+
+    def stopped(prepared):
+        try:
+            raise RewardUnavailable("no reward for a sample: JudgeUnavailable: the judge failed 100%")
+        except RewardUnavailable as exc:
+            raise ValueError("reward_model_group is required") from exc  # however OpenRLHF wraps it
+
+    assert wrapper_main("train_ppo_ray", [], reward=True, prepare=lambda argv: None, run=stopped) == 1
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last == "error: train_ppo_ray stopped: no reward for a sample: JudgeUnavailable: the judge failed 100%"
+
+    def broken(prepared):
+        raise KeyError("a bug, not a reward")
+
+    with pytest.raises(KeyError):  # anything else keeps its own traceback and exit status
+        wrapper_main("train_ppo_ray", [], reward=True, prepare=lambda argv: None, run=broken)
+
+
+def test_ray_workers_started_by_the_wrapper_surface_reward_failures(monkeypatch):
+    import ray
+
+    from openrlhf_persrm import compat
+
+    seen = {}
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kwargs: seen.update(kwargs))
+    train_ppo_ray.init_ray({"PERSRM_REWARD_PLUGIN": "persrm"})
+    assert seen["runtime_env"]["worker_process_setup_hook"] == compat.REWARD_FAILURES_HOOK
+    assert seen["runtime_env"]["env_vars"]["PERSRM_REWARD_PLUGIN"] == "persrm"
+    module, _, name = compat.REWARD_FAILURES_HOOK.rpartition(".")
+    assert getattr(__import__(module, fromlist=[name]), name) is compat.surface_reward_failures

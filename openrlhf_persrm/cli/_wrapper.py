@@ -292,4 +292,25 @@ def wrapper_main(launcher: str, argv: Sequence[str] | None, *, reward: bool,
     except (WrapperError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    return run(prepared)
+    try:
+        return run(prepared)
+    except Exception as exc:
+        from ..compat import reward_failure
+
+        cause = reward_failure(exc)
+        if cause is None:
+            raise
+        # OpenRLHF and Ray wrap the reward's error in their own; the cause goes last, where one looks first
+        import traceback
+
+        traceback.print_exc()
+        _stop_ray()
+        print(f"error: {launcher} stopped: {cause}", file=sys.stderr, flush=True)
+        return 1
+
+
+def _stop_ray() -> None:
+    """Shut a Ray this process started down now, so that no worker's log line follows the cause."""
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()

@@ -134,6 +134,8 @@ def init_ray(env: dict[str, str], **ray_kwargs) -> None:
     env_vars.update(env)
     runtime_env = dict(ray_kwargs.pop("runtime_env", {}) or {})
     runtime_env["env_vars"] = {**runtime_env.get("env_vars", {}), **env_vars}
+    # a reward that cannot be computed ends the run with its cause, in every rollout actor
+    runtime_env.setdefault("worker_process_setup_hook", compat.REWARD_FAILURES_HOOK)
     ray.init(runtime_env=runtime_env, **ray_kwargs)
 
 
@@ -143,6 +145,7 @@ def run(prep: Prepared) -> int:
     os.environ.update(prep.env)
     # Trainer plugins and the step health check run inside OpenRLHF's PPO trainer actor.
     compat.install_trainer_hooks(LAUNCHER)
+    compat.stop_when_a_rollout_engine_cannot_start()
     if prep.cpu:
         from ..cpu import mode as cpu_mode
 

@@ -176,7 +176,8 @@ def declared_gpus(ns: dict[str, Any]) -> int:
 
 
 def worker_setup() -> None:
-    """Ray ``worker_process_setup_hook``: CPU shims, OpenRLHF device patches and the vLLM stand-in."""
+    """Ray ``worker_process_setup_hook``: CPU shims, OpenRLHF device patches and the vLLM stand-in; a reward
+    that cannot be computed ends the run with its cause (:func:`~openrlhf_persrm.compat.surface_reward_failures`)."""
     if os.environ.get(ENV_CPU_MODE) != "1":
         return
     from .. import compat
@@ -185,6 +186,7 @@ def worker_setup() -> None:
     compat.apply_cpu_shims()
     vllm_standin.install()
     compat.patch_openrlhf_for_cpu()
+    compat.surface_reward_failures()
 
 
 def _raise_keyboard_interrupt(signum: int, frame: Any) -> None:
