@@ -743,7 +743,7 @@ class Pipeline:
 
 _NOISE = ("warning", "warn(", "deprecat", "import pynvml", "futurewarning", "userwarning", "notice", "ignoring ",
           "setting accelerator", "loading weights", "writing model shards", "converting and de-quantizing",
-          "ld returned", "cannot find -l", "collect2", "traceback")
+          "ld returned", "cannot find -l", "collect2", "traceback", "type: ignore")
 
 
 def progress_line(text: str) -> str | None:
