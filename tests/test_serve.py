@@ -325,3 +325,37 @@ def test_judge_failures_are_logged_once_per_kind_with_counts(caplog):
     assert first == ["persrm: judge failure 'no_reasoning' first seen: no <think>...</think> reasoning before the "
                      "answer"]
     assert "judge failures so far: no_reasoning=6 (3 of 3 samples failed)" in caplog.text
+
+
+def test_sigint_stops_the_server_with_status_0(tmp_path):
+    """Ctrl-C is a stop the user asked for: after uvicorn's graceful shutdown the process exits 0
+    (uvicorn re-raises the signal, which under asyncio.run may surface as KeyboardInterrupt)."""
+    import signal
+    import socket
+    import sys
+    import urllib.request
+    from pathlib import Path
+
+    from conftest import log_tail, spawn, wait_or_fail
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    stubs = Path(__file__).with_name("_judge_stubs.py")
+    log = tmp_path / "serve.log"
+    for attempt in range(3):  # the race it guards against is timing-dependent: stop it a few times
+        server = spawn([sys.executable, "-m", "openrlhf_persrm.cli.main", "serve", "--port", str(port),
+                        "--reward.backend", f"{stubs}:StubJudge"], tmp_path, log)
+        deadline = time.monotonic() + 60
+        while True:
+            assert server.poll() is None, f"persrm serve exited early:\n{log_tail(log)}"
+            assert time.monotonic() < deadline, f"persrm serve not healthy in 60 s:\n{log_tail(log)}"
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as resp:
+                    if resp.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.2)
+        server.send_signal(signal.SIGINT)
+        status = wait_or_fail(server, log, 30, "persrm serve, after SIGINT,")
+        assert status == 0, log_tail(log)

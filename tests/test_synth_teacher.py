@@ -151,6 +151,8 @@ def test_transformers_backend_with_a_tiny_model(tiny_model, tmp_path):
     rc = main(["--input", "demo", "--output_dir", str(tmp_path), "--teacher.backend", "transformers",
                "--teacher.model", tiny_model, "--teacher.max_tokens", "24", "--teacher.judge_max_tokens", "16",
                "--corpus.max_authors", "3", "--corpus.max_paragraphs_per_author", "8",
+               # eight consecutive paragraphs come from one work: let exemplars come from it too
+               "--split.exemplar_source", "any",
                "--split.unseen_authors", "0", "--split.unseen_works", "0", "--traces.tries", "1",
                "--pairs.max_tries", "1", "--pairs.negative_types", "style_random,cross_author",
                "--traces.fallback", "bootstrap", "--progress", "false"])

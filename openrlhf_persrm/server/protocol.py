@@ -94,7 +94,15 @@ def serve_forever(app: Any, cfg: ServeConfig | None = None) -> None:
     import uvicorn
 
     cfg = cfg or _settings(app)
-    uvicorn.Server(uvicorn_config(app, cfg, host=cfg.host, port=cfg.port, log_level=cfg.log_level.lower())).run()
+    server = uvicorn.Server(uvicorn_config(app, cfg, host=cfg.host, port=cfg.port, log_level=cfg.log_level.lower()))
+    try:
+        server.run()
+    except KeyboardInterrupt:
+        # uvicorn shuts down gracefully on SIGINT, then re-raises the signal; under asyncio.run that can
+        # surface as KeyboardInterrupt (a race with the main task ending). A stop the user asked for is
+        # not an error: exit 0 once the server has shut down.
+        if not getattr(server, "should_exit", False):
+            raise
 
 
 @contextlib.contextmanager
