@@ -64,7 +64,9 @@ def package_adapter(run_dir: str | Path, dest: str | Path, *, base_alias: str = 
                                                                   "sft": manifest["recipe"]["sft"]},
         "corpus_sha256": data["input"]["sha256"],
         "training_data_sha256": {name: data["outputs"][name]["sha256"] for name in ("sft.jsonl", "pairs.jsonl")},
-        "held_out_authors": sorted({r for r in _held_out(run / "data" / "pairs.jsonl")}),
+        # every author of the unseen split (the synth manifest's record; some may have made no test pair)
+        "held_out_authors": sorted(data.get("splits", {}).get("unseen_authors")
+                                   or _held_out(run / "data" / "pairs.jsonl")),
         "code_commit": _git_commit(Path(__file__).parent), "stage_seconds": stage.get("seconds"),
         "weights": "LoRA adapter of stage 1 (SFT on reader traces), float16",
     })
