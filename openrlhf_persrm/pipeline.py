@@ -615,7 +615,12 @@ class Pipeline:
         argv = ["--pairs", str(self.data / "pairs.jsonl"), "--out", str(self.work / "eval" / judge),
                 "--seed", str(self.r.seed), "--label", {"base": f"untrained ({self.r.model})", "sft": "PersRM SFT",
                                                         "grpo": "PersRM SFT+GRPO"}.get(judge, judge)]
-        if self.evidence_scorer() and judge in ("base", "sft", "grpo"):
+        from .models import evidence_scorer_of
+
+        if judge in spec.models:  # e.g. the shipped judge: named by its folder
+            argv[-1] = f"{judge} ({Path(models[judge]).name})"
+        if (self.evidence_scorer() and judge in ("base", "sft", "grpo")) or (
+                judge in spec.models and evidence_scorer_of(models[judge])):
             argv[-1] += " + evidence"
         if spec.split:
             argv += ["--split", spec.split]
