@@ -262,6 +262,25 @@ def evidence_reasoning(reading: Reading, evidence: PairEvidence) -> tuple[str, t
     return text, scores
 
 
+_TRACED = re.compile(r"favours ([AB])\b|so ([AB]) is the person's")
+
+
+def traced_side(output: str) -> str | None:
+    """The side ('A' or 'B') that an evidence reasoning, as :func:`evidence_reasoning` writes it, concludes
+    for: its last "... favours X" or "so X is the person's" before the answer. None when it names none.
+
+    >>> traced_side("<think>\\nA and B are 9% alike: different texts, so exemplar gain decides. "
+    ...             "Exemplar gain favours B clearly.\\n</think>\\n<answer>[9, 2]</answer>")
+    'B'
+    """
+    reasoning = output.split("<answer>", 1)[0]
+    found = _TRACED.findall(reasoning)
+    if not found:
+        return None
+    last = found[-1]
+    return last[0] or last[1]
+
+
 def format_answer(score_a: int, score_b: int) -> str:
     return f"<answer>[{score_a}, {score_b}]</answer>"
 

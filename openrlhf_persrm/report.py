@@ -42,14 +42,56 @@ def measures_table(evidence: dict[str, Any], split: str) -> list[str]:
     return lines
 
 
-def curve_table(points: Sequence[dict[str, Any]]) -> list[str]:
-    lines = ["| checkpoint | accuracy % [95% CI] | format failures % | consistency % |", "|---|---|---|---|"]
-    for p in points:
+def trace_of(run_dir: Path) -> dict[str, Any] | None:
+    """Does a model judge's verdict follow its own reasoning? Read from ``run_dir``'s metrics (``trace``) or,
+    for runs written before that metric, from its ``judgments.jsonl`` (the outputs are there)."""
+    from .eval.metrics import Judged, trace_agreement
+    from .judge_format import traced_side
+
+    metrics = _load(run_dir / "metrics.json") or {}
+    if metrics.get("trace"):
+        return metrics["trace"]
+    path = run_dir / "judgments.jsonl"
+    if not path.is_file():
+        return None
+    judged, traced = [], []
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            row = json.loads(line)
+            if "output" not in row:
+                return None
+            scores = tuple(row["scores"]) if row.get("scores") else None
+            judged.append(Judged(row["id"], row["author"], row["negative_type"], row["real_at"], scores,
+                                 None if scores else (row.get("failure") or "unreadable")))
+            traced.append(traced_side(row["output"] or ""))
+    agreement = trace_agreement(judged, traced)
+    return agreement if agreement["judgments"] else None
+
+
+def curve_table(points: Sequence[dict[str, Any]], traces: Sequence[dict[str, Any] | None] = ()) -> list[str]:
+    show_trace = any(traces)
+    lines = ["| checkpoint | accuracy % [95% CI] | format failures % | consistency % |"
+             + (" trace names the real text % | answer follows the trace % |" if show_trace else ""),
+             "|---|---|---|---|" + ("---|---|" if show_trace else "")]
+    for i, p in enumerate(points):
         name = f"{p['stage'].upper()} {'final' if p['step'] < 0 else 'step ' + str(p['step'])}"
         cons = p.get("consistency")
         cons = cons.get("rate") if isinstance(cons, dict) else cons
-        lines.append(f"| {name} | {_pct(p['accuracy'])} {_ci(p['ci95']) if p.get('ci95') else ''} | "
-                     f"{_pct(p.get('format_failure_rate'))} | {_pct(cons)} |")
+        row = (f"| {name} | {_pct(p['accuracy'])} {_ci(p['ci95']) if p.get('ci95') else ''} | "
+               f"{_pct(p.get('format_failure_rate'))} | {_pct(cons)} |")
+        if show_trace:
+            t = traces[i] if i < len(traces) else None
+            row += (f" {_pct(t.get('traced_right_rate'))} | {_pct(t.get('follows_rate'))} |" if t else " - | - |")
+        lines.append(row)
+    return lines
+
+
+def trace_table(named: Sequence[tuple[str, dict[str, Any]]]) -> list[str]:
+    lines = ["| judge | judgments with a traced side | trace names the real text % | answer follows the trace % |",
+             "|---|---|---|---|"]
+    for label, t in named:
+        lines.append(f"| {label} | {t['judgments']} | {_pct(t.get('traced_right_rate'))} | "
+                     f"{_pct(t.get('follows_rate'))} |")
     return lines
 
 
@@ -72,7 +114,10 @@ def write_report(pipeline: Any, metrics_paths: Sequence[str], copy_to: str | Non
     """Write ``<workdir>/eval/report.md`` (and a copy with its figures at ``copy_to``); returns its path."""
     work = Path(pipeline.work)
     eval_dir = work / "eval"
-    runs = [m for m in (_load(Path(p)) for p in metrics_paths) if m]
+    loaded = [(_load(Path(p)), p) for p in metrics_paths]
+    runs_with_paths = [m for m, _ in loaded if m]
+    runs_paths = [p for m, p in loaded if m]
+    runs = runs_with_paths
     manifest = _load(work / "manifest.json") or {}
     synth = _load(work / "data" / "manifest.json") or {}
     spec = pipeline.r.eval
@@ -111,10 +156,19 @@ def write_report(pipeline: Any, metrics_paths: Sequence[str], copy_to: str | Non
         out += ["## Judges", "", f"On `{spec.split if spec else '?'}`" + (", both A/B orders" if spec and spec.both_orders
                                                                            else "") + ":", "", compare_table(runs),
                 f"![comparison]({fig('compare')})", ""]
+    traced = [(m.get("label", "?"), t) for m, p in zip(runs_with_paths, runs_paths)
+              if (t := trace_of(Path(p).parent))]
+    if traced:
+        out += ["## Does the verdict follow the reasoning?", "",
+                "For the model judges whose reasoning names a side (\"... favours A\"): how often that side is the real "
+                "text, and how often the answer scores it higher. A judge that reads the evidence but does not "
+                "follow its own reasoning shows here:", ""] + trace_table(traced) + [""]
     curve = _load(eval_dir / "curve" / "curve.json")
     if curve:
+        traces = [trace_of(eval_dir / "curve" / f"{p['stage']}_{p['step']}") for p in curve]
         out += ["## Learning curve", "", f"Every saved checkpoint on `{spec.curve['split']}`, both orders "
-                "(`eval/curve/curve.json`):", ""] + curve_table(curve) + ["", f"![learning curve]({fig('curve')})", ""]
+                "(`eval/curve/curve.json`):", ""] + curve_table(curve, traces) + [
+                    "", f"![learning curve]({fig('curve')})", ""]
     vs = versus_gain_table(runs)
     if vs:
         out += ["## Where the judge and the exemplar gain disagree", "",
@@ -131,3 +185,36 @@ def write_report(pipeline: Any, metrics_paths: Sequence[str], copy_to: str | Non
             if src.exists():
                 shutil.copyfile(src, dest.parent / f"{prefix}{src.name}")
     return str(path)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m openrlhf_persrm.report RECIPE [--workdir DIR]``: rewrite a finished run's report (and its
+    ``report:`` copy) from what its stages wrote, without judging anything again (e.g. after a release adds
+    a section to the report)."""
+    import argparse
+
+    from .pipeline import Pipeline, Recipe
+
+    ap = argparse.ArgumentParser(prog="python -m openrlhf_persrm.report", description=main.__doc__)
+    ap.add_argument("recipe")
+    ap.add_argument("--workdir", default=None)
+    args = ap.parse_args(argv)
+    recipe = Recipe.load(args.recipe)
+    if args.workdir:
+        recipe.workdir = args.workdir
+    if recipe.eval is None:
+        ap.error(f"{args.recipe} has no eval stage")
+    pipeline = Pipeline(recipe)
+    pipeline.recipe_path = os.path.relpath(args.recipe)
+    paths = [str(pipeline.work / "eval" / j / "metrics.json") for j in recipe.eval.judges]
+    missing = [p for p in paths if not os.path.exists(p)]
+    if missing:
+        ap.error(f"the run has not judged {missing}: run `persrm pipeline {args.recipe}` first")
+    print(write_report(pipeline, paths, copy_to=recipe.report or None))
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

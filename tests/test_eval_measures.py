@@ -114,3 +114,36 @@ def test_an_evidence_informed_model_judge_sees_the_evidence_in_both_orders_and_i
     assert metrics["overall"]["accuracy"] == pytest.approx(0.75) and metrics["consistency"]["rate"] == 1.0
     assert metrics["versus_gain"]["overall"].get("disagree", 0) == 0
     assert metrics["versus_gain"]["overall"]["agree"] == 8
+
+
+def test_trace_agreement_counts_where_the_verdict_follows_the_reasoning(tmp_path):
+    from openrlhf_persrm.eval.metrics import Judged, trace_agreement
+    from openrlhf_persrm.judge_format import traced_side
+    from openrlhf_persrm.report import trace_of
+
+    def out(side: str, answer: str) -> str:
+        return (f"<think>\nA and B are 9% alike: different texts, so exemplar gain decides. Exemplar gain favours "
+                f"{side} clearly.\n</think>\n<answer>{answer}</answer>")
+
+    assert traced_side(out("B", "[9, 2]")) == "B"
+    assert traced_side("<think>\nA is copied from the exemplars, so B is the person's.\n</think>") == "B"
+    assert traced_side("<think>\nno side</think><answer>[1, 2]</answer>") is None
+    assert traced_side("<think>x</think><answer>favours A</answer>") is None  # only the reasoning counts
+    rows = [  # (real_at, scores, output)
+        ("A", (9.0, 2.0), out("A", "[9, 2]")),   # traced right, follows
+        ("A", (2.0, 9.0), out("A", "[2, 9]")),   # traced right, does not follow
+        ("B", (9.0, 2.0), out("A", "[9, 2]")),   # traced wrong, follows
+        ("B", (5.0, 5.0), out("B", "[5, 5]")),   # a tie: not counted
+        ("B", None, "<think>rambling"),           # no side, no verdict: not counted
+    ]
+    judged = [Judged(f"p{i}", "x", "cross_author", r, s, None if s else "no_answer") for i, (r, s, _) in enumerate(rows)]
+    t = trace_agreement(judged, [traced_side(o) for *_, o in rows])
+    assert (t["judgments"], t["traced_right"], t["follows"]) == (3, 2, 2)
+    assert t["follows_rate"] == pytest.approx(2 / 3)
+    # the report reads it back from a run's judgments.jsonl when metrics.json predates the metric
+    write_rows(tmp_path / "judgments.jsonl", [
+        {"id": j.pair_id, "author": "x", "negative_type": "cross_author", "real_at": j.real_at,
+         "scores": list(j.scores) if j.scores else None, "failure": j.failure, "output": o}
+        for j, (*_, o) in zip(judged, rows)])
+    (tmp_path / "metrics.json").write_text(json.dumps({"label": "old run"}))
+    assert trace_of(tmp_path) == t

@@ -211,3 +211,19 @@ def versus_measure(judged: Sequence[Judged], preferred_by_measure: dict[tuple[st
     for c in rows.values():
         total.update(c)
     return {"measure": measure, "overall": dict(total), "by_type": {t: dict(c) for t, c in sorted(rows.items())}}
+
+
+def trace_agreement(judged: Sequence[Judged], traced: Sequence[str | None]) -> dict[str, Any]:
+    """Does the verdict follow the reasoning? ``traced[i]`` is the side judgment ``i``'s own reasoning
+    concludes for (:func:`~openrlhf_persrm.judge_format.traced_side`). Over judgments with both a traced side
+    and a verdict that is not a tie: ``traced_right`` (the traced side is the real text) and ``follows``
+    (the answer scores the traced side higher), as counts and rates."""
+    n = right = follows = 0
+    for j, side in zip(judged, traced):
+        if side is None or j.scores is None or j.scores[0] == j.scores[1]:
+            continue
+        n += 1
+        right += side == j.real_at
+        follows += side == ("A" if j.scores[0] > j.scores[1] else "B")
+    return {"judgments": n, "traced_right": right, "follows": follows,
+            "traced_right_rate": right / n if n else None, "follows_rate": follows / n if n else None}

@@ -21,7 +21,7 @@ from ..pairs import PairRecord, load_pairs, remove_stale_tmp, write_jsonl
 from .config import EvalConfig
 from .judges import (BASELINES, ArtefactJudge, ChunkedProgress, Judge, JudgeFailure, MeasureJudge, ModelJudge, Outcome,
                      StylometryJudge, evidence_for)
-from .metrics import Judged, compute_metrics, versus_measure
+from .metrics import Judged, compute_metrics, trace_agreement, versus_measure
 from .report import markdown_table, plot_by_type
 
 logger = logging.getLogger(__name__)
@@ -181,6 +181,14 @@ def run_eval(cfg: EvalConfig, *, judge: Judge | None = None, echo: bool = True) 
 
         gain = {(r.id, p): favours(evidence[r.id].arranged(p), "gain")[0] for r, p in zip(shown, positions)}
         metrics["versus_gain"] = versus_measure(judged, gain)
+    outputs = getattr(judge, "outputs", None)
+    if outputs and cfg.judge == "model":
+        from ..judge_format import traced_side
+
+        # does the verdict follow the side the judge's own reasoning names? (evidence traces)
+        agreement = trace_agreement(judged, [traced_side(o or "") for o in outputs[:len(judged)]])
+        if agreement["judgments"]:
+            metrics["trace"] = agreement
     identity = judge.identity()  # after judging: e.g. the model an endpoint turned out to serve
     label = cfg.display_label
     if cfg.endpoint and not (cfg.label or cfg.model):
