@@ -114,10 +114,8 @@ def write_report(pipeline: Any, metrics_paths: Sequence[str], copy_to: str | Non
     """Write ``<workdir>/eval/report.md`` (and a copy with its figures at ``copy_to``); returns its path."""
     work = Path(pipeline.work)
     eval_dir = work / "eval"
-    loaded = [(_load(Path(p)), p) for p in metrics_paths]
-    runs_with_paths = [m for m, _ in loaded if m]
-    runs_paths = [p for m, p in loaded if m]
-    runs = runs_with_paths
+    found = [(m, Path(p).parent) for m, p in ((_load(Path(p)), p) for p in metrics_paths) if m]
+    runs = [m for m, _ in found]
     manifest = _load(work / "manifest.json") or {}
     synth = _load(work / "data" / "manifest.json") or {}
     spec = pipeline.r.eval
@@ -156,8 +154,7 @@ def write_report(pipeline: Any, metrics_paths: Sequence[str], copy_to: str | Non
         out += ["## Judges", "", f"On `{spec.split if spec else '?'}`" + (", both A/B orders" if spec and spec.both_orders
                                                                            else "") + ":", "", compare_table(runs),
                 f"![comparison]({fig('compare')})", ""]
-    traced = [(m.get("label", "?"), t) for m, p in zip(runs_with_paths, runs_paths)
-              if (t := trace_of(Path(p).parent))]
+    traced = [(m.get("label", "?"), t) for m, run_dir in found if (t := trace_of(run_dir))]
     if traced:
         out += ["## Does the verdict follow the reasoning?", "",
                 "For the model judges whose reasoning names a side (\"... favours A\"): how often that side is the real "
