@@ -130,8 +130,14 @@ def write_report(pipeline: Any, metrics_paths: Sequence[str], copy_to: str | Non
            "```bash", f"persrm pipeline {getattr(pipeline, 'recipe_path', 'RECIPE.yaml')}", "```", ""]
     stages = manifest.get("stages", {})
     if stages:
-        times = ", ".join(f"{name} {v['seconds'] / 60:.0f} min" for name, v in stages.items()
-                          if isinstance(v.get("seconds"), (int, float)))
+        import time
+
+        def took(v: dict[str, Any]) -> float | None:  # the running stage (eval itself): its time so far
+            if isinstance(v.get("seconds"), (int, float)) and v.get("status") != "running":
+                return v["seconds"]
+            return time.time() - v["started"] if v.get("status") == "running" and v.get("started") else None
+
+        times = ", ".join(f"{name} {took(v) / 60:.0f} min" for name, v in stages.items() if took(v) is not None)
         out += [f"Stage times on the machine that ran it: {times}.", ""]
     counts = synth.get("counts")
     if counts:

@@ -289,3 +289,24 @@ def test_an_evidence_recipe_trains_cards_into_every_checkpoint_and_lora_feeds_th
         assert read_judge_card(folder)["evidence"] == {"version": 1, "scorer": "smollm2-135m-instruct"}
     plain = Pipeline(Recipe.load(_recipe(tmp_path, sft={})))
     assert plain.card() is None and not plain.lora
+
+
+def test_the_report_names_every_stage_time_and_can_be_rewritten_without_judging(tmp_path, monkeypatch, capsys):
+    from openrlhf_persrm.report import main as report_main
+
+    path = _recipe(tmp_path, eval={"split": "test_unseen_authors", "limit": 10, "judges": ["random"]},
+                   report=str(tmp_path / "docs" / "t.md"))
+    Pipeline(Recipe.load(path)).run()
+    run = tmp_path / "run"
+    report = (run / "eval" / "report.md").read_text()
+    # written while the eval stage runs: its time so far is in it too
+    assert "Stage times on the machine that ran it: synth" in report and "eval 0 min" in report
+    assert (tmp_path / "docs" / "t.md").read_text() == report
+    stamp = (run / "eval" / "random" / "metrics.json").stat().st_mtime_ns
+    (run / "eval" / "report.md").unlink()
+    monkeypatch.chdir(tmp_path)
+    assert report_main([str(path)]) == 0
+    assert "## Judges" in (run / "eval" / "report.md").read_text()
+    assert (run / "eval" / "random" / "metrics.json").stat().st_mtime_ns == stamp  # nothing judged again
+    with pytest.raises(SystemExit):
+        report_main([str(_recipe(tmp_path, workdir=str(tmp_path / "nothing-run")))])
