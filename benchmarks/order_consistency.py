@@ -93,7 +93,8 @@ def main(cfg: BenchConfig) -> float:
                   f"{logs.get('eval_persrm_format_failure_rate', float('nan')):20.3f}")
     without = last["without"]["eval_persrm_position_consistency"]
     with_ = last["with"]["eval_persrm_position_consistency"]
-    ratio = with_ / without if without > 0 else float("inf")
+    # 0 / 0 measured nothing (nan), not an infinite gain
+    ratio = with_ / without if without > 0 else (float("inf") if with_ > 0 else float("nan"))
     print(f"consistency_without={without:.3f}")
     print(f"consistency_with={with_:.3f}")
     print(f"consistency_ratio={ratio:.3f}")

@@ -577,6 +577,8 @@ class BatchedEngine:
             token_ids,
             skip_special_tokens=params.skip_special_tokens,
             spaces_between_special_tokens=params.spaces_between_special_tokens,
+            # as vLLM: no clean-up (a BPE tokenizer ignores it anyway, with a notice on every run)
+            clean_up_tokenization_spaces=False,
         )
 
     def _complete(self, request: _Request, output: CompletionOutput) -> None:
