@@ -45,7 +45,8 @@ def measures_table(evidence: dict[str, Any], split: str) -> list[str]:
 def trace_of(run_dir: Path) -> dict[str, Any] | None:
     """Does a model judge's verdict follow its own reasoning? Read from ``run_dir``'s metrics (``trace``) or,
     for runs written before that metric, from its ``judgments.jsonl`` (the outputs are there)."""
-    from .eval.metrics import Judged, trace_agreement
+    from .eval.metrics import trace_agreement
+    from .eval.run import read_judgments
     from .judge_format import traced_side
 
     metrics = _load(run_dir / "metrics.json") or {}
@@ -54,16 +55,10 @@ def trace_of(run_dir: Path) -> dict[str, Any] | None:
     path = run_dir / "judgments.jsonl"
     if not path.is_file():
         return None
-    judged, traced = [], []
-    with open(path, encoding="utf-8") as fh:
-        for line in fh:
-            row = json.loads(line)
-            if "output" not in row:
-                return None
-            scores = tuple(row["scores"]) if row.get("scores") else None
-            judged.append(Judged(row["id"], row["author"], row["negative_type"], row["real_at"], scores,
-                                 None if scores else (row.get("failure") or "unreadable")))
-            traced.append(traced_side(row["output"] or ""))
+    judged, outputs = read_judgments(path)
+    if any(o is None for o in outputs):  # a judge without outputs (a baseline)
+        return None
+    traced = [traced_side(o) for o in outputs]
     agreement = trace_agreement(judged, traced)
     return agreement if agreement["judgments"] else None
 

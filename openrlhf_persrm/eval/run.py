@@ -151,6 +151,28 @@ def to_judged(record: PairRecord, position: str, outcome: Outcome) -> Judged:
     return Judged(record.id, record.author, record.negative_type, position, (float(a), float(b)))
 
 
+def judgment_row(j: Judged, **extra: Any) -> dict[str, Any]:
+    """One line of ``judgments.jsonl`` (``extra``: e.g. the model's ``output``; :func:`read_judgments` reads
+    it back)."""
+    return {"id": j.pair_id, "author": j.author, "negative_type": j.negative_type, "real_at": j.real_at,
+            "scores": None if j.scores is None else list(j.scores), "verdict": j.verdict, "failure": j.failure,
+            **extra}
+
+
+def read_judgments(path: str | os.PathLike) -> tuple[list[Judged], list[str | None]]:
+    """A run's ``judgments.jsonl``: the judgments and each one's model output ("" for a judgment that had
+    none, None where the run kept no outputs: a baseline judge)."""
+    judged, outputs = [], []
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            row = json.loads(line)
+            scores = tuple(row["scores"]) if row.get("scores") else None
+            judged.append(Judged(row["id"], row["author"], row["negative_type"], row["real_at"], scores,
+                                 row.get("failure")))
+            outputs.append((row["output"] or "") if "output" in row else None)
+    return judged, outputs
+
+
 def run_eval(cfg: EvalConfig, *, judge: Judge | None = None, echo: bool = True) -> dict[str, Any]:
     """Evaluate ``cfg.judge`` (or the given ``judge``) on ``cfg.pairs``; returns metrics.json's content."""
     from tqdm import tqdm
@@ -207,11 +229,8 @@ def run_eval(cfg: EvalConfig, *, judge: Judge | None = None, echo: bool = True) 
     os.makedirs(cfg.out, exist_ok=True)
     remove_stale_tmp(cfg.out, ("metrics.json", "judgments.jsonl"))  # left by a run killed while writing
     _write_json(os.path.join(cfg.out, "metrics.json"), metrics)
-    outputs = getattr(judge, "outputs", None)
     write_jsonl(os.path.join(cfg.out, "judgments.jsonl"), (
-        {"id": j.pair_id, "author": j.author, "negative_type": j.negative_type, "real_at": j.real_at,
-         "scores": None if j.scores is None else list(j.scores), "verdict": j.verdict, "failure": j.failure,
-         **({"output": outputs[i]} if outputs and i < len(outputs) else {})}
+        judgment_row(j, **({"output": outputs[i]} if outputs and i < len(outputs) else {}))
         for i, j in enumerate(judged)))
     table = markdown_table(metrics)
     with open(os.path.join(cfg.out, "metrics.md"), "w", encoding="utf-8") as fh:
